@@ -1,0 +1,191 @@
+"""Image bytes in, shard-ready bytes out: sniff the format from the contents, check, and convert what DALI can't decode.
+
+Store mode keeps JPEG and PNG bytes exactly as they are. What DALI cannot decode as is — CMYK/YCCK JPEGs, 16-bit
+PNGs, palette/alpha/bilevel PNGs, other formats (TIFF, WebP, BMP, GIF, …), an image whose EXIF orientation is not
+upright — is converted to 8-bit RGB, upright: PNG for lossless sources, JPEG at ``quality`` for lossy ones. The
+conversion reasons are returned so the shard writer can record them in the sample's json.
+
+``resize`` scales the short side to ``resize`` pixels (aspect kept, never upscaled), decoding JPEGs in the DCT domain
+(PIL's ``draft``: libjpeg's scaled IDCT, a proper area downscale) to the smallest scale not below the target, then
+finishing with Lanczos.
+
+This module imports only PIL and numpy: the packer's worker processes import it and nothing heavier.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LOSSLESS_FORMATS = frozenset({"png", "tiff", "bmp", "gif", "ppm", "pgm", "pbm", "tga", "qoi", "dds", "ico", "pcx"})
+STORABLE_JPEG_MODES = frozenset({"L", "RGB"})
+STORABLE_PNG_MODES = frozenset({"L", "RGB"})
+EXIF_ORIENTATION = 0x0112
+
+# Decompression-bomb guard: refuse absurd sizes instead of letting one input exhaust memory.
+Image.MAX_IMAGE_PIXELS = 50_000 * 50_000
+
+
+class ImageRejected(Exception):
+    """An input that cannot be packed; ``reason`` is the reject reason recorded in ``rejects.parquet``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What the packer will do with one image: store it as is, or convert it (and why)."""
+
+    source_format: str  # from the file contents: "jpeg", "png", "tiff", "webp", …
+    width: int
+    height: int
+    mode: str
+    conversions: tuple[str, ...]  # empty: store the bytes as they are
+    out_format: str  # "jpeg" or "png"
+
+    @property
+    def stored_as_is(self) -> bool:
+        return not self.conversions
+
+    @property
+    def ext(self) -> str:
+        return "jpg" if self.out_format == "jpeg" else "png"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``"jpeg"``/``"png"`` from the magic bytes, else None (PIL decides)."""
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    return None
+
+
+def _png_bit_depth(data: bytes) -> int:
+    # IHDR is always the first chunk: 8 magic + 4 length + 4 type + 4 width + 4 height, then bit depth.
+    return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 8
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("corrupt_image", f"image too large: {exc}") from exc
+    except Exception as exc:
+        raise ImageRejected("not_an_image", f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def plan_image(data: bytes, *, resize: int | None = None, check: str = "decode") -> ImagePlan:
+    """Inspect one image's bytes and decide how it is packed; raise :class:`ImageRejected` for bad input.
+
+    ``check="decode"`` decodes the whole entropy-coded stream (JPEG at 1/8 scale in the DCT domain, PNG fully) so
+    truncated or corrupt files are caught at pack time; ``check="header"`` only parses headers and markers.
+    """
+    if not data:
+        raise ImageRejected("empty_file", "the file has 0 bytes")
+    magic = sniff_format(data)
+    im = _open(data)
+    fmt = magic or (im.format or "unknown").lower()
+    if magic == "jpeg" and fmt != "jpeg":
+        fmt = "jpeg"
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise ImageRejected("corrupt_image", f"image has size {width}x{height}")
+    mode = im.mode
+    conversions: list[str] = []
+    if fmt == "jpeg":
+        if mode not in STORABLE_JPEG_MODES:
+            conversions.append(f"mode={mode}")  # CMYK, YCCK (PIL: CMYK), …
+    elif fmt == "png":
+        if _png_bit_depth(data) == 16:
+            conversions.append("16bit")
+        elif mode not in STORABLE_PNG_MODES:
+            conversions.append(f"mode={mode}")
+    else:
+        conversions.append(f"format={fmt}")
+    try:
+        orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block is not a broken image
+        orientation = 1
+    if 2 <= orientation <= 8:
+        conversions.append(f"exif_orientation={orientation}")
+    if resize is not None and min(width, height) > resize:
+        conversions.append(f"resize={resize}")
+
+    _check(data, im, fmt, check)
+    lossless = fmt in LOSSLESS_FORMATS or (fmt == "webp" and bool(im.info.get("lossless")))
+    out_format = fmt if not conversions else ("png" if lossless else "jpeg")
+    return ImagePlan(fmt, width, height, mode, tuple(conversions), out_format)
+
+
+def _check(data: bytes, im: Image.Image, fmt: str, check: str) -> None:
+    if check not in ("decode", "header"):
+        raise ValueError(f"check must be 'decode' or 'header'; got {check!r}")
+    if fmt == "jpeg" and b"\xff\xd9" not in data[-4096:].rstrip(b"\x00 \r\n\t"):
+        raise ImageRejected("corrupt_image", "JPEG has no end-of-image marker (truncated file)")
+    if check == "header" and fmt in ("jpeg", "png"):
+        return
+    try:
+        if fmt == "jpeg":
+            im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        im.load()
+    except Exception as exc:
+        raise ImageRejected("corrupt_image", f"{fmt} does not decode ({type(exc).__name__}: {exc})") from exc
+
+
+def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """The size with short side ``short_side`` and the aspect ratio kept (rounded)."""
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.uint32)
+        if im.mode == "I" and arr.max(initial=0) <= 255:
+            arr = arr << 8  # an 8-bit image promoted to I
+        im = Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (0, 0, 0))  # fundus surround is black
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def prepare_image(
+    data: bytes, plan: ImagePlan, *, resize: int | None = None, quality: int = 95
+) -> tuple[bytes, int, int]:
+    """The bytes that go into the shard for this image, and their width and height."""
+    if plan.stored_as_is:
+        return data, plan.width, plan.height
+    im = Image.open(io.BytesIO(data))
+    orientation = next((int(c.split("=")[1]) for c in plan.conversions if c.startswith("exif_orientation=")), 1)
+    rotated = orientation >= 5  # orientations 5-8 swap width and height
+    width, height = (plan.height, plan.width) if rotated else (plan.width, plan.height)
+    resizing = resize is not None and min(width, height) > resize
+    size = target_size(width, height, resize) if resizing else None
+    if size is not None and plan.source_format == "jpeg" and im.mode in STORABLE_JPEG_MODES:
+        # DCT-domain downscale to the smallest power-of-two scale that is still >= the target.
+        im.draft(im.mode, size[::-1] if rotated else size)
+    im.load()
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    im = _to_rgb8(im)
+    if size is not None and im.size != size:
+        im = im.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    if plan.out_format == "jpeg":
+        im.save(buf, format="JPEG", quality=quality, optimize=False)
+    else:
+        im.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue(), im.size[0], im.size[1]

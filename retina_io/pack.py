@@ -1,0 +1,432 @@
+"""``retina-shard pack``: images + a label table -> a packed dataset in shard format v1 (DESIGN.md, contract 2).
+
+The steps, each a function:
+
+1. :func:`read_labels` (presets) validates every label row; :class:`ImageFolder` (sources) finds each row's file and
+   every file that no row names.
+2. Every named file is read and checked in parallel (:func:`probe_chunk`): a truncated, empty or non-image file is a
+   reject; what DALI cannot decode as is gets a conversion plan.
+3. Accepted samples get keys (their rank by id), multilabel-stratified folds, a seeded global shuffle within each fold,
+   and shards of ``shard_samples`` (the last shard of each fold may be shorter).
+4. Worker processes write whole shards (:func:`write_shard`); shards already complete from an earlier run with the same
+   plan are kept, so rerunning a killed command resumes it. ``num_nodes``/``node_rank`` split the shards between
+   machines on a shared filesystem.
+5. When every shard exists: ``index.parquet``, ``rejects.parquet`` and ``manifest.json`` (with per-shard sha256).
+
+Nothing in the outputs depends on time, worker count or node count: the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from retina_io.folds import assign_folds, shuffle_within_folds
+from retina_io.pack_worker import ProbeResult, SampleSpec, ShardTask, marker_path, probe_chunk, write_shard
+from retina_io.presets import LabelTable, get_preset, read_labels
+from retina_io.schema import CLASSES, NUM_CLASSES
+from retina_io.sources import ImageFolder
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "retina-shards"
+FORMAT_VERSION = 1
+KEY_WIDTH = 9  # keys are zero-padded decimal ranks: fixed width, no dots, sortable, parseable as int64
+PROBE_CHUNK = 256
+REJECT_SCHEMA = {"source": pl.String, "row": pl.Int64, "id": pl.String, "path": pl.String,
+                 "reason": pl.String, "detail": pl.String}  # fmt: skip
+
+
+class PackError(RuntimeError):
+    """Packing cannot go on; the message names the input and what to do."""
+
+
+@dataclass
+class PackConfig:
+    """Options of ``retina-shard pack`` (see its ``--help``)."""
+
+    images: Path
+    labels: Path
+    preset: str
+    out: Path
+    folds: int = 5
+    seed: int = 0
+    workers: int | None = None
+    shard_samples: int = 1000
+    resize: int | None = None
+    quality: int = 95
+    group_column: str | None = None
+    strict: bool = False
+    check: str = "decode"
+    id_column: str | None = None
+    label_columns: tuple[str, ...] = ()
+    path_column: str | None = None
+    num_nodes: int = 1
+    node_rank: int = 0
+    progress: bool = True
+
+
+@dataclass
+class PackResult:
+    out: Path
+    complete: bool  # False while other nodes still write their shards
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    converted_by_reason: dict[str, int]
+    samples_per_fold: list[int]
+    shards: int
+    shards_written: int  # by this run (the rest were complete already or belong to other nodes)
+    bytes: int
+    seconds: float
+    manifest: dict = field(default_factory=dict)
+
+
+def _validate(cfg: PackConfig) -> None:
+    if cfg.folds < 2:
+        raise PackError(f"--folds must be at least 2; got {cfg.folds}")
+    if cfg.shard_samples < 1:
+        raise PackError(f"--shard-samples must be at least 1; got {cfg.shard_samples}")
+    if cfg.resize is not None and cfg.resize < 8:
+        raise PackError(f"--resize is the short side in pixels (e.g. 512); got {cfg.resize}")
+    if not 1 <= cfg.quality <= 100:
+        raise PackError(f"--quality must be in 1..100; got {cfg.quality}")
+    if not 0 <= cfg.node_rank < cfg.num_nodes:
+        raise PackError(f"--node-rank must be in 0..{cfg.num_nodes - 1}; got {cfg.node_rank}")
+    if not Path(cfg.images).is_dir():
+        raise PackError(f"--images {cfg.images} is not a folder")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out} exists and is not a folder")
+    if out.is_dir():
+        ours = {"manifest.json", "index.parquet", "rejects.parquet", ".work"}
+        foreign = [p.name for p in out.iterdir() if p.name not in ours and not (p.is_dir() and p.name.startswith("fold"))]
+        if foreign:
+            raise PackError(
+                f"--out {out} holds files that are not a packed dataset ({', '.join(sorted(foreign)[:5])}); "
+                "choose an empty or new folder"
+            )
+
+
+def _pool(workers: int) -> ProcessPoolExecutor | None:
+    if workers <= 1:
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["retina_io.pack_worker"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _probe(
+    folder: ImageFolder, relpaths: list[str], cfg: PackConfig, pool: ProcessPoolExecutor | None
+) -> list[ProbeResult]:
+    items = list(enumerate(relpaths))
+    chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
+    root = str(folder.root)
+    results: list[ProbeResult] = []
+    with tqdm(total=len(items), desc="check images", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
+        if pool is None:
+            outs = (probe_chunk(root, c, cfg.resize, cfg.check) for c in chunks)
+        else:
+            outs = pool.map(probe_chunk, [root] * len(chunks), chunks, [cfg.resize] * len(chunks),
+                            [cfg.check] * len(chunks))  # fmt: skip
+        for out in outs:
+            results.extend(out)
+            bar.update(len(out))
+    results.sort(key=lambda r: r.index)
+    return results
+
+
+def _sample_json(row: dict, key: str, fold: int, plan, meta_cols: tuple[str, ...], present: tuple[str, ...]) -> str:
+    doc = {
+        "key": key,
+        "id": row["id"],
+        "fold": fold,
+        "labels": {c: (row[c] if c in present else None) for c in CLASSES},
+        "meta": {c: row[c] for c in meta_cols},
+        "source": {"path": row["relpath"], "format": plan.source_format, "width": plan.width, "height": plan.height},
+        "conversion": list(plan.conversions),
+    }
+    if row.get("group") is not None:
+        doc["group"] = row["group"]
+    return json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def pack(cfg: PackConfig) -> PackResult:
+    """Pack ``cfg.images`` + ``cfg.labels`` into ``cfg.out``; see the module docstring."""
+    t0 = time.perf_counter()
+    _validate(cfg)
+    out = Path(cfg.out)
+    preset = get_preset(cfg.preset, id_column=cfg.id_column, label_columns=cfg.label_columns,
+                        path_column=cfg.path_column)  # fmt: skip
+    table: LabelTable = read_labels(Path(cfg.labels), preset, group_column=cfg.group_column)
+    folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),))
+    frame = table.frame
+    label_rows = frame.height
+
+    # Resolve files for rows whose labels fit.
+    rows = frame.to_dicts()
+    rejects: list[dict] = []
+    claimed: set[str] = set()
+    candidates: list[dict] = []
+    for row in rows:
+        if row["reason"] is not None:
+            rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
+                            "reason": row["reason"], "detail": row["detail"]})  # fmt: skip
+            continue
+        res = folder.resolve(row["relpath"], preset)
+        if res.relpath is None:
+            rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
+                            "reason": res.reason, "detail": res.detail})  # fmt: skip
+            continue
+        row["relpath"] = res.relpath
+        claimed.add(res.relpath)
+        candidates.append(row)
+    strays = [rel for rel in folder.files if rel not in claimed]
+    for rel in strays:
+        rejects.append({"source": "image_file", "row": None, "id": None, "path": rel, "reason": "no_label_row",
+                        "detail": "no label row names this file"})  # fmt: skip
+
+    workers = cfg.workers or os.cpu_count() or 1
+    pool = _pool(workers)
+    try:
+        probes = _probe(folder, [r["relpath"] for r in candidates], cfg, pool)
+        accepted: list[tuple[dict, ProbeResult]] = []
+        for row, pr in zip(candidates, probes, strict=True):
+            if pr.plan is None:
+                rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
+                                "reason": pr.reason, "detail": pr.detail})  # fmt: skip
+            else:
+                accepted.append((row, pr))
+        if not accepted:
+            reasons = Counter(r["reason"] for r in rejects)
+            raise PackError(
+                f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
+                f"{len(strays)} unlabelled files; rejected: {dict(sorted(reasons.items()))}. "
+                f"Check --preset (now {cfg.preset!r}) and --images."
+            )
+
+        # Keys by id, folds, shuffled shards.
+        accepted.sort(key=lambda rp: rp[0]["id"])
+        n = len(accepted)
+        present = preset.classes_present
+        y = np.array([[row[c] or 0 for c in CLASSES] for row, _ in accepted], dtype=np.uint8)
+        groups = None
+        if any(row["group"] is not None for row, _ in accepted):
+            groups = np.array([row["group"] if row["group"] is not None else f"\0{row['id']}" for row, _ in accepted])
+        try:
+            folds = assign_folds(y, k=cfg.folds, seed=cfg.seed, groups=groups)
+        except ValueError as exc:
+            raise PackError(f"fold assignment for {cfg.labels}: {exc}") from exc
+        order = shuffle_within_folds(folds, seed=cfg.seed)
+        keys = [f"{i:0{KEY_WIDTH}d}" for i in range(n)]
+
+        shards: list[tuple[str, int, np.ndarray]] = []  # (relative tar path, fold, sample indices)
+        for fold, idx in enumerate(order):
+            for j, start in enumerate(range(0, len(idx), cfg.shard_samples)):
+                shards.append((f"fold{fold}/{j:06d}.tar", fold, idx[start : start + cfg.shard_samples]))
+
+        tasks = _plan_tasks(cfg, folder, accepted, keys, folds, shards, table.metadata_columns, present)
+        _remove_stale(out, {s for s, _, _ in shards})
+        done, written = _write_shards(cfg, tasks, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    missing = [s for s, _, _ in shards if s not in done]
+    base = dict(out=out, accepted=n, rejected=len(rejects),
+                rejected_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+                converted_by_reason=_conversion_counts(accepted),
+                samples_per_fold=[int((folds == f).sum()) for f in range(cfg.folds)],
+                shards=len(shards), shards_written=written)  # fmt: skip
+    if missing:
+        log.info("%d of %d shards are still being written by other nodes; the last node writes the manifest",
+                 len(missing), len(shards))  # fmt: skip
+        return PackResult(complete=False, bytes=sum(m["bytes"] for m in done.values()),
+                          seconds=time.perf_counter() - t0, **base)  # fmt: skip
+
+    assert n + len(rejects) == label_rows + len(strays), "every input is accounted for"
+    manifest = _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays)
+    return PackResult(complete=True, bytes=sum(m["bytes"] for m in done.values()),
+                      seconds=time.perf_counter() - t0, manifest=manifest, **base)  # fmt: skip
+
+
+def _conversion_counts(accepted) -> dict[str, int]:
+    counts = Counter(c.split("=")[0] if c.startswith("resize") else c for _, pr in accepted for c in pr.plan.conversions)
+    return dict(sorted(counts.items()))
+
+
+def _plan_tasks(cfg, folder, accepted, keys, folds, shards, meta_cols, present):
+    tasks = []
+    for shard, fold, idx in shards:
+        specs = []
+        for i in idx:
+            row, pr = accepted[i]
+            labels = bytes(int(row[c] or 0) for c in CLASSES)
+            assert len(labels) == NUM_CLASSES
+            meta = _sample_json(row, keys[i], fold, pr.plan, meta_cols, present)
+            specs.append(SampleSpec(keys[i], row["relpath"], pr.plan, labels, meta))
+        h = hashlib.sha256()
+        h.update(json.dumps([FORMAT_VERSION, cfg.resize, cfg.quality]).encode())
+        for s, i in zip(specs, idx, strict=True):
+            pr = accepted[i][1]
+            h.update(json.dumps([s.key, s.relpath, pr.size, pr.mtime_ns, s.labels.hex(), s.meta]).encode())
+        tasks.append(ShardTask(out=str(cfg.out), shard=shard, root=str(folder.root), samples=tuple(specs),
+                               resize=cfg.resize, quality=cfg.quality, plan_hash=h.hexdigest(),
+                               tmp_suffix=f".tmp-node{cfg.node_rank}"))  # fmt: skip
+    return tasks
+
+
+def _read_marker(out: Path, task: ShardTask) -> dict | None:
+    """A shard's done-marker if the shard is complete and was written from the same plan."""
+    mpath = marker_path(out, task.shard)
+    try:
+        marker = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tar = out / task.shard
+    if marker.get("plan_hash") != task.plan_hash or not tar.is_file() or not tar.with_suffix(".idx").is_file():
+        return None
+    if tar.stat().st_size != marker.get("bytes"):
+        return None
+    return marker
+
+
+def _remove_stale(out: Path, planned: set[str]) -> None:
+    """Remove leftovers of a killed run (temporary files) and shards that the current plan does not have."""
+    if not out.is_dir():
+        return
+    for d in sorted(out.glob("fold*")):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            rel = f"{d.name}/{p.name}"
+            if ".tmp-" in p.name:
+                continue  # may belong to another node still writing; replaced when that shard is rewritten
+            if p.suffix in (".tar", ".idx") and f"{d.name}/{p.stem}.tar" not in planned:
+                log.warning("removing %s: not part of this pack's plan (left from an earlier pack)", rel)
+                p.unlink()
+
+
+def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[str, dict], int]:
+    out = Path(cfg.out)
+    done: dict[str, dict] = {}
+    todo: list[ShardTask] = []
+    for gi, task in enumerate(tasks):
+        marker = _read_marker(out, task)
+        if marker is not None:
+            done[task.shard] = marker
+        elif gi % cfg.num_nodes == cfg.node_rank:
+            todo.append(task)
+    if done:
+        log.info("resuming: %d of %d shards are complete already", len(done), len(tasks))
+    total = sum(len(t.samples) for t in todo)
+    t0, nbytes = time.perf_counter(), 0
+    with tqdm(total=total, desc="write shards", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
+        results = (write_shard(t) for t in todo) if pool is None else pool.map(write_shard, todo)
+        for marker in results:
+            done[marker["shard"]] = marker
+            nbytes += marker["bytes"]
+            bar.update(marker["samples"])
+            bar.set_postfix_str(f"{nbytes / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
+    # Shards other nodes finished meanwhile.
+    for task in tasks:
+        if task.shard not in done and (marker := _read_marker(out, task)) is not None:
+            done[task.shard] = marker
+    return done, len(todo)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _parquet_bytes(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="zstd", statistics=True)
+    return buf.getvalue()
+
+
+def _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays) -> dict:
+    out = Path(cfg.out)
+    present = preset.classes_present
+    meta_cols = table.metadata_columns
+    # index.parquet in tar order (fold, shard, position).
+    recs = []
+    for shard, fold, idx in shards:
+        stored = done[shard]["stored"]
+        for pos, i in enumerate(idx):
+            row, pr = accepted[i]
+            key, ext, nbytes, width, height = stored[pos]
+            assert key == keys[i], f"{shard}: marker and plan disagree at position {pos}"
+            recs.append({
+                "key": key, "id": row["id"], "fold": int(fold), "shard": shard,
+                **{c: (row[c] if c in present else None) for c in CLASSES},
+                **{c: row[c] for c in meta_cols},
+                "group": row["group"], "path": row["relpath"], "format": "jpeg" if ext == "jpg" else "png",
+                "bytes": nbytes, "width": width, "height": height,
+                "conversion": ",".join(pr.plan.conversions) or None,
+            })  # fmt: skip
+    schema = {"key": pl.String, "id": pl.String, "fold": pl.Int32, "shard": pl.String,
+              **{c: pl.UInt8 for c in CLASSES},
+              **{c: table.frame.schema[c] for c in meta_cols},
+              "group": pl.String, "path": pl.String, "format": pl.String, "bytes": pl.Int64,
+              "width": pl.Int32, "height": pl.Int32, "conversion": pl.String}  # fmt: skip
+    index = pl.DataFrame(recs, schema=schema, orient="row")
+    rej = pl.DataFrame(rejects, schema=REJECT_SCHEMA).sort(["source", "row", "path"], nulls_last=True)
+    index_bytes, rej_bytes = _parquet_bytes(index), _parquet_bytes(rej)
+
+    labels = index.select(CLASSES).fill_null(0).to_numpy()
+    fold_arr = index["fold"].to_numpy()
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "classes": list(CLASSES),
+        "classes_present": list(present),
+        "preset": preset.name,
+        "labels_file": Path(cfg.labels).name,
+        "seed": cfg.seed,
+        "k": cfg.folds,
+        "options": {"shard_samples": cfg.shard_samples, "resize": cfg.resize, "quality": cfg.quality,
+                    "check": cfg.check, "group_column": cfg.group_column or (preset.name if preset.group else None)},
+        "counts": {
+            "inputs": label_rows + len(strays),
+            "label_rows": label_rows,
+            "unlabelled_files": len(strays),
+            "accepted": len(accepted),
+            "rejected": len(rejects),
+            "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+            "converted_by_reason": _conversion_counts(accepted),
+            "per_fold": [int((fold_arr == f).sum()) for f in range(cfg.folds)],
+            "positives": {c: int(labels[:, j].sum()) for j, c in enumerate(CLASSES) if c in present},
+            "positives_per_fold": {c: [int(labels[fold_arr == f, j].sum()) for f in range(cfg.folds)]
+                                   for j, c in enumerate(CLASSES) if c in present},
+        },  # fmt: skip
+        "files": {
+            "index.parquet": hashlib.sha256(index_bytes).hexdigest(),
+            "rejects.parquet": hashlib.sha256(rej_bytes).hexdigest(),
+        },
+        "shards": [
+            {"path": s, "fold": f, "samples": done[s]["samples"], "bytes": done[s]["bytes"],
+             "sha256": done[s]["sha256"], "index": s.removesuffix(".tar") + ".idx"}
+            for s, f, _ in shards
+        ],  # fmt: skip
+    }
+    _write_atomic(out / "index.parquet", index_bytes)
+    _write_atomic(out / "rejects.parquet", rej_bytes)
+    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    return manifest
+

@@ -1,0 +1,96 @@
+"""``retina-shard``: the command line over :func:`retina_io.pack.pack` and :func:`retina_io.verify.verify`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from retina_io.pack import PackConfig, PackError, PackResult, pack
+from retina_io.presets import PRESET_NAMES, PresetError
+from retina_io.verify import DatasetError, verify
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retina-shard", description="Pack images + labels into WebDataset shards.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pk = sub.add_parser("pack", help="pack a dataset (shard format v1)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    pk.add_argument("--images", type=Path, required=True, help="folder holding the image files")
+    pk.add_argument("--labels", type=Path, required=True, help="label table (.csv, .tsv or .parquet)")
+    pk.add_argument("--preset", required=True, choices=PRESET_NAMES, help="the label table's published layout")
+    pk.add_argument("--out", type=Path, required=True, help="output folder, e.g. shards/NAME")
+    pk.add_argument("--folds", type=int, default=5, help="number of stratified folds")
+    pk.add_argument("--seed", type=int, default=0, help="seed of fold assignment and shuffling")
+    pk.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    pk.add_argument("--shard-samples", type=int, default=1000, help="samples per tar shard")
+    pk.add_argument("--resize", type=int, default=None, metavar="PX", help="scale the short side to PX (no upscale)")
+    pk.add_argument("--quality", type=int, default=95, help="JPEG quality of converted/resized lossy images")
+    pk.add_argument("--check", choices=("decode", "header"), default="decode",
+                    help="decode: decode every image to catch corrupt files; header: headers and end markers only")
+    pk.add_argument("--group-column", default=None, help="keep all rows sharing this column's value in one fold")
+    pk.add_argument("--strict", action="store_true", help="exit non-zero when any input was rejected")
+    pk.add_argument("--id-column", default=None, help="generic preset: the id / file name column")
+    pk.add_argument("--label-columns", default="", help="generic preset: 'DR,AMD' or 'col:CLASS,...' (0/1 values)")
+    pk.add_argument("--path-column", default=None, help="generic preset: image path relative to --images")
+    pk.add_argument("--num-nodes", type=int, default=1, help="machines packing this dataset on a shared filesystem")
+    pk.add_argument("--node-rank", type=int, default=0, help="this machine's rank in 0..num-nodes-1")
+    pk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    vf = sub.add_parser("verify", help="re-read every shard against the manifest")
+    vf.add_argument("folder", type=Path)
+    vf.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def format_summary(r: PackResult) -> str:
+    lines = [f"packed {r.accepted} samples into {r.shards} shards in {r.out} "
+             f"({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s, {r.shards_written} shards written by this run)"]  # fmt: skip
+    lines.append("samples per fold: " + ", ".join(f"fold{i}={n}" for i, n in enumerate(r.samples_per_fold)))
+    if r.converted_by_reason:
+        lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in r.converted_by_reason.items()))
+    if r.rejected:
+        lines.append(f"rejected {r.rejected} inputs (see {r.out / 'rejects.parquet'}):")
+        lines += [f"  {reason:<16} {n}" for reason, n in r.rejected_by_reason.items()]
+    else:
+        lines.append("rejected: none")
+    if r.complete and r.manifest:
+        pos = r.manifest["counts"]["positives"]
+        lines.append("positives: " + ", ".join(f"{c}={n}" for c, n in pos.items()))
+    if not r.complete:
+        lines.append("other nodes are still writing their shards: the last node to finish writes the manifest")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "verify":
+            rep = verify(args.folder, progress=not args.no_progress)
+            print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")
+            return 0
+        cfg = PackConfig(
+            images=args.images, labels=args.labels, preset=args.preset, out=args.out, folds=args.folds,
+            seed=args.seed, workers=args.workers, shard_samples=args.shard_samples, resize=args.resize,
+            quality=args.quality, group_column=args.group_column, strict=args.strict, check=args.check,
+            id_column=args.id_column, label_columns=tuple(c for c in args.label_columns.split(",") if c),
+            path_column=args.path_column, num_nodes=args.num_nodes, node_rank=args.node_rank,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        result = pack(cfg)
+    except (PackError, PresetError, DatasetError, FileNotFoundError) as exc:
+        print(f"retina-shard: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    print(json.dumps({"accepted": result.accepted, "rejected": result.rejected, "shards": result.shards,
+                      "complete": result.complete, "rejected_by_reason": result.rejected_by_reason}))  # fmt: skip
+    if args.strict and result.rejected:
+        print(f"retina-shard: error: --strict and {result.rejected} inputs were rejected", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Deterministic WebDataset tar shards and their DALI ``.idx`` files.
+
+Members are plain files with fixed metadata (mtime 0, uid/gid 0, no owner names, mode 0644, ustar format), so the
+same samples always give the same bytes. The ``.idx`` is exactly what DALI's ``wds2idx`` writes for the tar:
+``v1.2 <samples>`` then one line per sample, ``<ext> <data offset> <size> <member name>`` per component.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IDX_VERSION = "v1.2"
+BLOCK = 512
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through (tarfile needs write and tell)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.pos += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+@dataclass
+class ShardStats:
+    samples: int
+    bytes: int
+    sha256: str
+    idx: str  # the text of the .idx file
+    members: list[tuple[str, int, int]] = field(default_factory=list)  # (name, data offset, size)
+
+
+class TarShardWriter:
+    """Write samples (lists of ``(extension, bytes)`` under one key) into one tar; :meth:`close` gives the stats."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._raw = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._hw = _HashingWriter(self._raw)
+        self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.USTAR_FORMAT)
+        self._lines: list[str] = []
+        self._members: list[tuple[str, int, int]] = []
+
+    def add(self, key: str, components: list[tuple[str, bytes]]) -> None:
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"a sample key must be non-empty without dots or slashes; got {key!r}")
+        parts = []
+        for ext, data in components:
+            name = f"{key}.{ext}"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            offset = self._hw.tell() + BLOCK  # ustar: one header block for names under 100 bytes
+            self._tar.addfile(info, io.BytesIO(data))
+            parts.append(f"{ext} {offset} {len(data)} {name}")
+            self._members.append((name, offset, len(data)))
+        self._lines.append(" ".join(parts))
+
+    def close(self) -> ShardStats:
+        self._tar.close()
+        self._raw.close()
+        idx = f"{IDX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
+        return ShardStats(len(self._lines), self._hw.pos, self._hw.sha.hexdigest(), idx, self._members)
+
+    def abort(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class TarSample:
+    key: str
+    components: dict[str, bytes]  # extension -> bytes
+
+
+def iter_tar(path: Path) -> Iterator[tuple[TarSample, list[tuple[str, int, int]]]]:
+    """Read a shard back: samples in tar order (components grouped by key), with each member's (name, offset, size)."""
+    current: TarSample | None = None
+    members: list[tuple[str, int, int]] = []
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            data = tar.extractfile(info).read()
+            if current is not None and key != current.key:
+                yield current, members
+                current, members = None, []
+            if current is None:
+                current = TarSample(key, {})
+            current.components[ext] = data
+            members.append((info.name, info.offset_data, info.size))
+    if current is not None:
+        yield current, members
+
+
+def idx_text(samples: list[list[tuple[str, int, int]]]) -> str:
+    """The ``wds2idx`` index text for samples given as lists of (member name, data offset, size)."""
+    lines = [f"{IDX_VERSION} {len(samples)}\n"]
+    for members in samples:
+        parts = []
+        for name, offset, size in members:
+            ext = name.rsplit("/", 1)[-1].partition(".")[2]
+            parts.append(f"{ext} {offset} {size} {name}")
+        lines.append(" ".join(parts) + "\n")
+    return "".join(lines)
+
+
+def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

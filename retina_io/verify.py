@@ -1,0 +1,148 @@
+"""``retina-shard verify``: re-read a packed dataset against its manifest and index, and name the first bad shard.
+
+Checks, per shard in manifest order: the tar exists with the recorded size and sha256; it holds exactly the recorded
+number of samples, each with one image (``jpg`` or ``png``), ``json`` and an 11-byte ``labels`` component; its keys
+and labels are those of ``index.parquet`` for that shard (classes the dataset does not label are 0 in the bytes and
+null in the index); the ``.idx`` beside it is exactly what ``wds2idx`` would write. Also the index and rejects files
+against their recorded sha256, and the manifest's counts against the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from retina_io.pack import FORMAT_NAME, FORMAT_VERSION
+from retina_io.schema import CLASSES, NUM_CLASSES
+from retina_io.tario import idx_text, iter_tar
+
+
+class DatasetError(RuntimeError):
+    """A folder that is not a readable shard-format-v1 dataset, or one that fails verification."""
+
+
+@dataclass
+class VerifyReport:
+    shards: int
+    samples: int
+    bytes: int
+
+
+def load_manifest(folder: Path) -> dict:
+    """Read and sanity-check ``manifest.json``; the error names the folder and what to run."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        hint = " (packing still in progress on other nodes?)" if (folder / ".work").is_dir() else ""
+        raise DatasetError(
+            f"{folder} is not a packed dataset: no manifest.json{hint}. Create one with `retina-shard pack`."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DatasetError(f"{path} is not valid JSON ({exc}); repack with `retina-shard pack`") from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path} is not a retina shard manifest (format={manifest.get('format')!r})")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{folder} is shard format v{manifest.get('version')}, this retina reads v{FORMAT_VERSION}; repack it "
+            "with this version's `retina-shard pack`"
+        )
+    if tuple(manifest.get("classes", ())) != CLASSES:
+        raise DatasetError(f"{path}: classes {manifest.get('classes')} differ from {list(CLASSES)}")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(folder: Path, *, progress: bool = True) -> VerifyReport:
+    """Verify ``folder``; raise :class:`DatasetError` naming the first problem."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    for name, digest in manifest["files"].items():
+        p = folder / name
+        if not p.is_file():
+            raise DatasetError(f"{p} is missing; repack with `retina-shard pack`")
+        if _sha256(p) != digest:
+            raise DatasetError(f"{p} does not match its sha256 in manifest.json; repack with `retina-shard pack`")
+    index = pl.read_parquet(folder / "index.parquet")
+    present = manifest["classes_present"]
+    by_shard = {s: df for (s,), df in index.group_by("shard", maintain_order=True)}
+    total = nbytes = 0
+    shards = manifest["shards"]
+    for entry in tqdm(shards, desc="verify shards", unit="shard", disable=not progress):
+        _verify_shard(folder, entry, by_shard.get(entry["path"]), present)
+        total += entry["samples"]
+        nbytes += entry["bytes"]
+    if total != index.height or total != manifest["counts"]["accepted"]:
+        raise DatasetError(
+            f"{folder}: shards hold {total} samples, index.parquet {index.height}, manifest says "
+            f"{manifest['counts']['accepted']}"
+        )
+    per_fold = index.group_by("fold").len().sort("fold")["len"].to_list()
+    if per_fold != manifest["counts"]["per_fold"]:
+        raise DatasetError(f"{folder}: samples per fold {per_fold} differ from the manifest's")
+    return VerifyReport(len(shards), total, nbytes)
+
+
+def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None, present: list[str]) -> None:
+    tar = folder / entry["path"]
+    where = f"shard {tar}"
+    if not tar.is_file():
+        raise DatasetError(f"{where} is missing")
+    if tar.stat().st_size != entry["bytes"]:
+        raise DatasetError(f"{where} has {tar.stat().st_size} bytes, manifest says {entry['bytes']}")
+    if _sha256(tar) != entry["sha256"]:
+        raise DatasetError(f"{where} does not match its sha256 in manifest.json (corrupt or modified)")
+    if rows is None:
+        raise DatasetError(f"{where} has no rows in index.parquet")
+    expected_keys = rows["key"].to_list()
+    expected_labels = rows.select(CLASSES).fill_null(0).to_numpy().astype(np.uint8)
+    members_all = []
+    keys = []
+    try:
+        for i, (sample, members) in enumerate(iter_tar(tar)):
+            comps = sample.components
+            images = [e for e in ("jpg", "png") if e in comps]
+            if len(images) != 1 or "json" not in comps or "labels" not in comps or len(comps) != 3:
+                raise DatasetError(f"{where}: sample {sample.key} has components {sorted(comps)}; "
+                                   "expected one of jpg/png, json, labels")  # fmt: skip
+            raw = comps["labels"]
+            if len(raw) != NUM_CLASSES or max(raw) > 1:
+                raise DatasetError(f"{where}: sample {sample.key} has a bad labels component {list(raw)}")
+            if i < len(expected_keys):
+                if sample.key != expected_keys[i]:
+                    raise DatasetError(f"{where}: sample {i} is {sample.key}, index.parquet says {expected_keys[i]}")
+                if not np.array_equal(np.frombuffer(raw, np.uint8), expected_labels[i]):
+                    raise DatasetError(f"{where}: sample {sample.key} labels {list(raw)} differ from index.parquet "
+                                       f"{expected_labels[i].tolist()}")  # fmt: skip
+                doc = json.loads(comps["json"])
+                if doc.get("key") != sample.key or doc.get("fold") != entry["fold"]:
+                    raise DatasetError(f"{where}: sample {sample.key} json names key {doc.get('key')} fold "
+                                       f"{doc.get('fold')}")  # fmt: skip
+            keys.append(sample.key)
+            members_all.append(members)
+    except DatasetError:
+        raise
+    except Exception as exc:
+        raise DatasetError(f"{where} cannot be read as a tar ({exc})") from exc
+    if len(keys) != entry["samples"] or len(keys) != len(expected_keys):
+        raise DatasetError(f"{where} holds {len(keys)} samples; manifest says {entry['samples']}, "
+                           f"index.parquet {len(expected_keys)}")  # fmt: skip
+    idx = folder / entry["index"]
+    if not idx.is_file():
+        raise DatasetError(f"{where}: its DALI index {idx} is missing")
+    if idx.read_text(encoding="ascii", errors="replace") != idx_text(members_all):
+        raise DatasetError(f"{where}: its DALI index {idx} does not match the tar")
