@@ -79,8 +79,10 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("corrupt_image", f"image too large: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageRejected("not_an_image", f"contents are no known image format (first bytes {data[:8]!r})") from exc
     except Exception as exc:
-        raise ImageRejected("not_an_image", f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ImageRejected("corrupt_image", f"image header does not parse ({type(exc).__name__}: {exc})") from exc
 
 
 def plan_image(data: bytes, *, resize: int | None = None, check: str = "decode") -> ImagePlan:
@@ -153,7 +155,7 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
         arr = np.asarray(im).astype(np.uint32)
         if im.mode == "I" and arr.max(initial=0) <= 255:
             arr = arr << 8  # an 8-bit image promoted to I
-        im = Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+        im = Image.fromarray((arr >> 8).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGB", im.size, (0, 0, 0))  # fundus surround is black

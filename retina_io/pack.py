@@ -182,17 +182,19 @@ def pack(cfg: PackConfig) -> PackResult:
     claimed: set[str] = set()
     candidates: list[dict] = []
     for row in rows:
+        # A file named by a row counts as labelled even when the row itself is rejected (it is not a stray).
+        res = folder.resolve(row["relpath"], preset) if row["reason"] != "unsafe_path" else None
+        if res is not None and res.relpath is not None:
+            claimed.add(res.relpath)
         if row["reason"] is not None:
             rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
                             "reason": row["reason"], "detail": row["detail"]})  # fmt: skip
             continue
-        res = folder.resolve(row["relpath"], preset)
         if res.relpath is None:
             rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
                             "reason": res.reason, "detail": res.detail})  # fmt: skip
             continue
         row["relpath"] = res.relpath
-        claimed.add(res.relpath)
         candidates.append(row)
     strays = [rel for rel in folder.files if rel not in claimed]
     for rel in strays:
@@ -264,7 +266,7 @@ def pack(cfg: PackConfig) -> PackResult:
 
 
 def _conversion_counts(accepted) -> dict[str, int]:
-    counts = Counter(c.split("=")[0] if c.startswith("resize") else c for _, pr in accepted for c in pr.plan.conversions)
+    counts = Counter(c.split("=")[0] if c.startswith(("resize", "exif_orientation")) else c for _, pr in accepted for c in pr.plan.conversions)
     return dict(sorted(counts.items()))
 
 
