@@ -67,8 +67,19 @@ def run(*, quick: bool = False, workers: int = 2, cache: Path | None = None) -> 
         def ours(resize=None, check="decode"):
             out = tmp / f"packed-{resize}-{check}"
             shutil.rmtree(out, ignore_errors=True)
-            pack(PackConfig(images=images, labels=labels, preset="synfundus", out=out, workers=workers,
-                            resize=resize, check=check, quality=90, progress=False))  # fmt: skip
+            pack(
+                PackConfig(
+                    images=images,
+                    labels=labels,
+                    preset="synfundus",
+                    out=out,
+                    workers=workers,
+                    resize=resize,
+                    check=check,
+                    quality=90,
+                    progress=False,
+                )
+            )
 
         t_tar = best_of(tar_cf, repeats)
         t_store = best_of(ours, repeats)
@@ -78,20 +89,36 @@ def run(*, quick: bool = False, workers: int = 2, cache: Path | None = None) -> 
 
     rows = [
         Row("GNU tar cf (baseline: no checks, no index)", t_tar, n, nbytes),
-        Row(f"retina-shard pack, store, --check decode, {workers} workers", t_store, n, nbytes,
-            f"ratio {t_tar / t_store:.2f}"),
-        Row(f"retina-shard pack, store, --check header, {workers} workers", t_store_header, n, nbytes,
-            f"ratio {t_tar / t_store_header:.2f}"),
+        Row(
+            f"retina-shard pack, store, --check decode, {workers} workers",
+            t_store,
+            n,
+            nbytes,
+            f"ratio {t_tar / t_store:.2f}",
+        ),
+        Row(
+            f"retina-shard pack, store, --check header, {workers} workers",
+            t_store_header,
+            n,
+            nbytes,
+            f"ratio {t_tar / t_store_header:.2f}",
+        ),
         Row("naive PIL open/resize/save loop, 1 process (baseline)", t_naive, n, nbytes),
-        Row(f"retina-shard pack --resize 256, {workers} workers", t_resize, n, nbytes,
-            f"ratio {t_naive / t_resize:.2f}"),
-    ]  # fmt: skip
+        Row(
+            f"retina-shard pack --resize 256, {workers} workers", t_resize, n, nbytes, f"ratio {t_naive / t_resize:.2f}"
+        ),
+    ]
     return BenchResult(
         benchmark="shard",
         ratio=t_tar / t_store,
         goal=STORE_GOAL,
         rows=rows,
-        extra={"images": n, "image_px": 512, "workers": workers, "store_ratio_header_check": round(t_tar / t_store_header, 3),
-               "resize_ratio": round(t_naive / t_resize, 3), "resize_goal": RESIZE_GOAL},  # fmt: skip
+        extra={
+            "images": n,
+            "image_px": 512,
+            "workers": workers,
+            "store_ratio_header_check": round(t_tar / t_store_header, 3),
+            "resize_ratio": round(t_naive / t_resize, 3),
+            "resize_goal": RESIZE_GOAL,
+        },
     )
-

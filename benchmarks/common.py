@@ -53,8 +53,16 @@ class BenchResult:
             "ratio": round(self.ratio, 3),
             "goal": self.goal,
             **self.extra,
-            "rows": [{"name": r.name, "seconds": round(r.seconds, 4), "images_per_s": round(r.per_second, 1),
-                      "mb_per_s": round(r.mb_per_second, 2), "note": r.note} for r in self.rows],  # fmt: skip
+            "rows": [
+                {
+                    "name": r.name,
+                    "seconds": round(r.seconds, 4),
+                    "images_per_s": round(r.per_second, 1),
+                    "mb_per_s": round(r.mb_per_second, 2),
+                    "note": r.note,
+                }
+                for r in self.rows
+            ],
             "machine": machine(),
         }
 
@@ -71,12 +79,21 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 def machine() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "commit": commit}  # fmt: skip
+    return {
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 def warm_cache(paths: list[Path]) -> int:

@@ -46,8 +46,14 @@ FORMAT_NAME = "retina-shards"
 FORMAT_VERSION = 1
 KEY_WIDTH = 9  # keys are zero-padded decimal ranks: fixed width, no dots, sortable, parseable as int64
 PROBE_CHUNK = 256
-REJECT_SCHEMA = {"source": pl.String, "row": pl.Int64, "id": pl.String, "path": pl.String,
-                 "reason": pl.String, "detail": pl.String}  # fmt: skip
+REJECT_SCHEMA = {
+    "source": pl.String,
+    "row": pl.Int64,
+    "id": pl.String,
+    "path": pl.String,
+    "reason": pl.String,
+    "detail": pl.String,
+}
 
 
 class PackError(RuntimeError):
@@ -113,7 +119,9 @@ def _validate(cfg: PackConfig) -> None:
         raise PackError(f"--out {out} exists and is not a folder")
     if out.is_dir():
         ours = {"manifest.json", "index.parquet", "rejects.parquet", ".work"}
-        foreign = [p.name for p in out.iterdir() if p.name not in ours and not (p.is_dir() and p.name.startswith("fold"))]
+        foreign = [
+            p.name for p in out.iterdir() if p.name not in ours and not (p.is_dir() and p.name.startswith("fold"))
+        ]
         if foreign:
             raise PackError(
                 f"--out {out} holds files that are not a packed dataset ({', '.join(sorted(foreign)[:5])}); "
@@ -140,8 +148,9 @@ def _probe(
         if pool is None:
             outs = (probe_chunk(root, c, cfg.resize, cfg.check) for c in chunks)
         else:
-            outs = pool.map(probe_chunk, [root] * len(chunks), chunks, [cfg.resize] * len(chunks),
-                            [cfg.check] * len(chunks))  # fmt: skip
+            outs = pool.map(
+                probe_chunk, [root] * len(chunks), chunks, [cfg.resize] * len(chunks), [cfg.check] * len(chunks)
+            )
         for out in outs:
             results.extend(out)
             bar.update(len(out))
@@ -169,8 +178,9 @@ def pack(cfg: PackConfig) -> PackResult:
     t0 = time.perf_counter()
     _validate(cfg)
     out = Path(cfg.out)
-    preset = get_preset(cfg.preset, id_column=cfg.id_column, label_columns=cfg.label_columns,
-                        path_column=cfg.path_column)  # fmt: skip
+    preset = get_preset(
+        cfg.preset, id_column=cfg.id_column, label_columns=cfg.label_columns, path_column=cfg.path_column
+    )
     table: LabelTable = read_labels(Path(cfg.labels), preset, group_column=cfg.group_column)
     folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),))
     frame = table.frame
@@ -187,19 +197,43 @@ def pack(cfg: PackConfig) -> PackResult:
         if res is not None and res.relpath is not None:
             claimed.add(res.relpath)
         if row["reason"] is not None:
-            rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
-                            "reason": row["reason"], "detail": row["detail"]})  # fmt: skip
+            rejects.append(
+                {
+                    "source": "label_row",
+                    "row": row["row"],
+                    "id": row["id"],
+                    "path": row["relpath"],
+                    "reason": row["reason"],
+                    "detail": row["detail"],
+                }
+            )
             continue
         if res.relpath is None:
-            rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
-                            "reason": res.reason, "detail": res.detail})  # fmt: skip
+            rejects.append(
+                {
+                    "source": "label_row",
+                    "row": row["row"],
+                    "id": row["id"],
+                    "path": row["relpath"],
+                    "reason": res.reason,
+                    "detail": res.detail,
+                }
+            )
             continue
         row["relpath"] = res.relpath
         candidates.append(row)
     strays = [rel for rel in folder.files if rel not in claimed]
     for rel in strays:
-        rejects.append({"source": "image_file", "row": None, "id": None, "path": rel, "reason": "no_label_row",
-                        "detail": "no label row names this file"})  # fmt: skip
+        rejects.append(
+            {
+                "source": "image_file",
+                "row": None,
+                "id": None,
+                "path": rel,
+                "reason": "no_label_row",
+                "detail": "no label row names this file",
+            }
+        )
 
     workers = cfg.workers or os.cpu_count() or 1
     pool = _pool(workers)
@@ -208,8 +242,16 @@ def pack(cfg: PackConfig) -> PackResult:
         accepted: list[tuple[dict, ProbeResult]] = []
         for row, pr in zip(candidates, probes, strict=True):
             if pr.plan is None:
-                rejects.append({"source": "label_row", "row": row["row"], "id": row["id"], "path": row["relpath"],
-                                "reason": pr.reason, "detail": pr.detail})  # fmt: skip
+                rejects.append(
+                    {
+                        "source": "label_row",
+                        "row": row["row"],
+                        "id": row["id"],
+                        "path": row["relpath"],
+                        "reason": pr.reason,
+                        "detail": pr.detail,
+                    }
+                )
             else:
                 accepted.append((row, pr))
         if not accepted:
@@ -248,25 +290,43 @@ def pack(cfg: PackConfig) -> PackResult:
             pool.shutdown()
 
     missing = [s for s, _, _ in shards if s not in done]
-    base = dict(out=out, accepted=n, rejected=len(rejects),
-                rejected_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
-                converted_by_reason=_conversion_counts(accepted),
-                samples_per_fold=[int((folds == f).sum()) for f in range(cfg.folds)],
-                shards=len(shards), shards_written=written)  # fmt: skip
+    base = dict(
+        out=out,
+        accepted=n,
+        rejected=len(rejects),
+        rejected_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        converted_by_reason=_conversion_counts(accepted),
+        samples_per_fold=[int((folds == f).sum()) for f in range(cfg.folds)],
+        shards=len(shards),
+        shards_written=written,
+    )
     if missing:
-        log.info("%d of %d shards are still being written by other nodes; the last node writes the manifest",
-                 len(missing), len(shards))  # fmt: skip
-        return PackResult(complete=False, bytes=sum(m["bytes"] for m in done.values()),
-                          seconds=time.perf_counter() - t0, **base)  # fmt: skip
+        log.info(
+            "%d of %d shards are still being written by other nodes; the last node writes the manifest",
+            len(missing),
+            len(shards),
+        )
+        return PackResult(
+            complete=False, bytes=sum(m["bytes"] for m in done.values()), seconds=time.perf_counter() - t0, **base
+        )
 
     assert n + len(rejects) == label_rows + len(strays), "every input is accounted for"
     manifest = _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays)
-    return PackResult(complete=True, bytes=sum(m["bytes"] for m in done.values()),
-                      seconds=time.perf_counter() - t0, manifest=manifest, **base)  # fmt: skip
+    return PackResult(
+        complete=True,
+        bytes=sum(m["bytes"] for m in done.values()),
+        seconds=time.perf_counter() - t0,
+        manifest=manifest,
+        **base,
+    )
 
 
 def _conversion_counts(accepted) -> dict[str, int]:
-    counts = Counter(c.split("=")[0] if c.startswith(("resize", "exif_orientation")) else c for _, pr in accepted for c in pr.plan.conversions)
+    counts = Counter(
+        c.split("=")[0] if c.startswith(("resize", "exif_orientation")) else c
+        for _, pr in accepted
+        for c in pr.plan.conversions
+    )
     return dict(sorted(counts.items()))
 
 
@@ -285,9 +345,18 @@ def _plan_tasks(cfg, folder, accepted, keys, folds, shards, meta_cols, present):
         for s, i in zip(specs, idx, strict=True):
             pr = accepted[i][1]
             h.update(json.dumps([s.key, s.relpath, pr.size, pr.mtime_ns, s.labels.hex(), s.meta]).encode())
-        tasks.append(ShardTask(out=str(cfg.out), shard=shard, root=str(folder.root), samples=tuple(specs),
-                               resize=cfg.resize, quality=cfg.quality, plan_hash=h.hexdigest(),
-                               tmp_suffix=f".tmp-node{cfg.node_rank}"))  # fmt: skip
+        tasks.append(
+            ShardTask(
+                out=str(cfg.out),
+                shard=shard,
+                root=str(folder.root),
+                samples=tuple(specs),
+                resize=cfg.resize,
+                quality=cfg.quality,
+                plan_hash=h.hexdigest(),
+                tmp_suffix=f".tmp-node{cfg.node_rank}",
+            )
+        )
     return tasks
 
 
@@ -374,19 +443,38 @@ def _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, reje
             row, pr = accepted[i]
             key, ext, nbytes, width, height = stored[pos]
             assert key == keys[i], f"{shard}: marker and plan disagree at position {pos}"
-            recs.append({
-                "key": key, "id": row["id"], "fold": int(fold), "shard": shard,
-                **{c: (row[c] if c in present else None) for c in CLASSES},
-                **{c: row[c] for c in meta_cols},
-                "group": row["group"], "path": row["relpath"], "format": "jpeg" if ext == "jpg" else "png",
-                "bytes": nbytes, "width": width, "height": height,
-                "conversion": ",".join(pr.plan.conversions) or None,
-            })  # fmt: skip
-    schema = {"key": pl.String, "id": pl.String, "fold": pl.Int32, "shard": pl.String,
-              **{c: pl.UInt8 for c in CLASSES},
-              **{c: table.frame.schema[c] for c in meta_cols},
-              "group": pl.String, "path": pl.String, "format": pl.String, "bytes": pl.Int64,
-              "width": pl.Int32, "height": pl.Int32, "conversion": pl.String}  # fmt: skip
+            recs.append(
+                {
+                    "key": key,
+                    "id": row["id"],
+                    "fold": int(fold),
+                    "shard": shard,
+                    **{c: (row[c] if c in present else None) for c in CLASSES},
+                    **{c: row[c] for c in meta_cols},
+                    "group": row["group"],
+                    "path": row["relpath"],
+                    "format": "jpeg" if ext == "jpg" else "png",
+                    "bytes": nbytes,
+                    "width": width,
+                    "height": height,
+                    "conversion": ",".join(pr.plan.conversions) or None,
+                }
+            )
+    schema = {
+        "key": pl.String,
+        "id": pl.String,
+        "fold": pl.Int32,
+        "shard": pl.String,
+        **{c: pl.UInt8 for c in CLASSES},
+        **{c: table.frame.schema[c] for c in meta_cols},
+        "group": pl.String,
+        "path": pl.String,
+        "format": pl.String,
+        "bytes": pl.Int64,
+        "width": pl.Int32,
+        "height": pl.Int32,
+        "conversion": pl.String,
+    }
     index = pl.DataFrame(recs, schema=schema, orient="row")
     rej = pl.DataFrame(rejects, schema=REJECT_SCHEMA).sort(["source", "row", "path"], nulls_last=True)
     index_bytes, rej_bytes = _parquet_bytes(index), _parquet_bytes(rej)
@@ -402,8 +490,13 @@ def _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, reje
         "labels_file": Path(cfg.labels).name,
         "seed": cfg.seed,
         "k": cfg.folds,
-        "options": {"shard_samples": cfg.shard_samples, "resize": cfg.resize, "quality": cfg.quality,
-                    "check": cfg.check, "group_column": cfg.group_column or (preset.name if preset.group else None)},
+        "options": {
+            "shard_samples": cfg.shard_samples,
+            "resize": cfg.resize,
+            "quality": cfg.quality,
+            "check": cfg.check,
+            "group_column": cfg.group_column or (preset.name if preset.group else None),
+        },
         "counts": {
             "inputs": label_rows + len(strays),
             "label_rows": label_rows,
@@ -414,21 +507,29 @@ def _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, reje
             "converted_by_reason": _conversion_counts(accepted),
             "per_fold": [int((fold_arr == f).sum()) for f in range(cfg.folds)],
             "positives": {c: int(labels[:, j].sum()) for j, c in enumerate(CLASSES) if c in present},
-            "positives_per_fold": {c: [int(labels[fold_arr == f, j].sum()) for f in range(cfg.folds)]
-                                   for j, c in enumerate(CLASSES) if c in present},
-        },  # fmt: skip
+            "positives_per_fold": {
+                c: [int(labels[fold_arr == f, j].sum()) for f in range(cfg.folds)]
+                for j, c in enumerate(CLASSES)
+                if c in present
+            },
+        },
         "files": {
             "index.parquet": hashlib.sha256(index_bytes).hexdigest(),
             "rejects.parquet": hashlib.sha256(rej_bytes).hexdigest(),
         },
         "shards": [
-            {"path": s, "fold": f, "samples": done[s]["samples"], "bytes": done[s]["bytes"],
-             "sha256": done[s]["sha256"], "index": s.removesuffix(".tar") + ".idx"}
+            {
+                "path": s,
+                "fold": f,
+                "samples": done[s]["samples"],
+                "bytes": done[s]["bytes"],
+                "sha256": done[s]["sha256"],
+                "index": s.removesuffix(".tar") + ".idx",
+            }
             for s, f, _ in shards
-        ],  # fmt: skip
+        ],
     }
     _write_atomic(out / "index.parquet", index_bytes)
     _write_atomic(out / "rejects.parquet", rej_bytes)
     _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     return manifest
-

@@ -24,10 +24,52 @@ from retina_io.schema import CLASSES
 RESERVED_COLUMNS = frozenset({"key", "id", "fold", "shard", "group", "row", "relpath", "reason", "detail", *CLASSES})
 
 RFMID_COLUMNS = (
-    "DR", "ARMD", "MH", "DN", "MYA", "BRVO", "TSLN", "ERM", "LS", "MS", "CSR", "ODC", "CRVO", "TV", "AH", "ODP",
-    "ODE", "ST", "AION", "PT", "RT", "RS", "CRS", "EDN", "RPEC", "MHL", "RP", "CWS", "CB", "ODPM", "PRH", "MNF", "HR",
-    "CRAO", "TD", "CME", "PTCR", "CF", "VH", "MCA", "VS", "BRAO", "PLQ", "HPED", "CL",
-)  # fmt: skip
+    "DR",
+    "ARMD",
+    "MH",
+    "DN",
+    "MYA",
+    "BRVO",
+    "TSLN",
+    "ERM",
+    "LS",
+    "MS",
+    "CSR",
+    "ODC",
+    "CRVO",
+    "TV",
+    "AH",
+    "ODP",
+    "ODE",
+    "ST",
+    "AION",
+    "PT",
+    "RT",
+    "RS",
+    "CRS",
+    "EDN",
+    "RPEC",
+    "MHL",
+    "RP",
+    "CWS",
+    "CB",
+    "ODPM",
+    "PRH",
+    "MNF",
+    "HR",
+    "CRAO",
+    "TD",
+    "CME",
+    "PTCR",
+    "CF",
+    "VH",
+    "MCA",
+    "VS",
+    "BRAO",
+    "PLQ",
+    "HPED",
+    "CL",
+)
 
 SYNFUNDUS_FLAGS = ("is_amd", "is_aon", "is_crp", "is_dm", "is_dme", "is_em", "is_gc", "is_htr", "is_pm", "is_rvo")
 SYNFUNDUS_READABILITY = ("is_fundus", "is_macular_readable", "is_optic_disc_readable", "is_retinal_region_readable")
@@ -335,9 +377,7 @@ def read_labels(
     frame = frame.with_columns(relpath=name_expr.str.replace_all("\\\\", "/"))
     frame = frame.with_columns(path_problem=_unsafe_problem(pl.col("relpath")))
 
-    class_cols = [
-        (_class_expr(mapping[c]) if c in mapping else pl.lit(None, dtype=pl.UInt8)).alias(c) for c in CLASSES
-    ]
+    class_cols = [(_class_expr(mapping[c]) if c in mapping else pl.lit(None, dtype=pl.UInt8)).alias(c) for c in CLASSES]
     if group_column:
         group = pl.col(group_column).str.strip_chars()
     elif preset.group is not None:
@@ -382,7 +422,9 @@ def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
     ``duplicate_id`` naming the kept row, so nothing is dropped silently.
     """
     ok = pl.col("reason").is_null()
-    sig = pl.concat_str([pl.col(c).cast(pl.String).fill_null("-") for c in CLASSES] + [pl.col("relpath")], separator=",")
+    sig = pl.concat_str(
+        [pl.col(c).cast(pl.String).fill_null("-") for c in CLASSES] + [pl.col("relpath")], separator=","
+    )
     frame = frame.with_columns(_sig=sig)
     stats = (
         frame.filter(ok)
@@ -406,6 +448,8 @@ def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
         detail=pl.when(conflicting)
         .then(pl.format("id {} has conflicting labels in rows {}", pl.col("id"), pl.col("_rows")))
         .when(repeated)
-        .then(pl.format("id {} repeats row {} with the same labels (that row is packed)", pl.col("id"), pl.col("_first")))
+        .then(
+            pl.format("id {} repeats row {} with the same labels (that row is packed)", pl.col("id"), pl.col("_first"))
+        )
         .otherwise(pl.col("detail")),
     ).drop("_sig", "_n", "_nsig", "_first", "_rows")

@@ -16,8 +16,9 @@ from retina_io.verify import DatasetError, verify
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retina-shard", description="Pack images + labels into WebDataset shards.")
     sub = p.add_subparsers(dest="command", required=True)
-    pk = sub.add_parser("pack", help="pack a dataset (shard format v1)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    pk = sub.add_parser(
+        "pack", help="pack a dataset (shard format v1)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     pk.add_argument("--images", type=Path, required=True, help="folder holding the image files")
     pk.add_argument("--labels", type=Path, required=True, help="label table (.csv, .tsv or .parquet)")
     pk.add_argument("--preset", required=True, choices=PRESET_NAMES, help="the label table's published layout")
@@ -28,8 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--shard-samples", type=int, default=1000, help="samples per tar shard")
     pk.add_argument("--resize", type=int, default=None, metavar="PX", help="scale the short side to PX (no upscale)")
     pk.add_argument("--quality", type=int, default=95, help="JPEG quality of converted/resized lossy images")
-    pk.add_argument("--check", choices=("decode", "header"), default="decode",
-                    help="decode: decode every image to catch corrupt files; header: headers and end markers only")
+    pk.add_argument(
+        "--check",
+        choices=("decode", "header"),
+        default="decode",
+        help="decode: decode every image to catch corrupt files; header: headers and end markers only",
+    )
     pk.add_argument("--group-column", default=None, help="keep all rows sharing this column's value in one fold")
     pk.add_argument("--strict", action="store_true", help="exit non-zero when any input was rejected")
     pk.add_argument("--id-column", default=None, help="generic preset: the id / file name column")
@@ -45,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def format_summary(r: PackResult) -> str:
-    lines = [f"packed {r.accepted} samples into {r.shards} shards in {r.out} "
-             f"({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s, {r.shards_written} shards written by this run)"]  # fmt: skip
+    lines = [
+        f"packed {r.accepted} samples into {r.shards} shards in {r.out} "
+        f"({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s, {r.shards_written} shards written by this run)"
+    ]
     lines.append("samples per fold: " + ", ".join(f"fold{i}={n}" for i, n in enumerate(r.samples_per_fold)))
     if r.converted_by_reason:
         lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in r.converted_by_reason.items()))
@@ -72,20 +79,42 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")
             return 0
         cfg = PackConfig(
-            images=args.images, labels=args.labels, preset=args.preset, out=args.out, folds=args.folds,
-            seed=args.seed, workers=args.workers, shard_samples=args.shard_samples, resize=args.resize,
-            quality=args.quality, group_column=args.group_column, strict=args.strict, check=args.check,
-            id_column=args.id_column, label_columns=tuple(c for c in args.label_columns.split(",") if c),
-            path_column=args.path_column, num_nodes=args.num_nodes, node_rank=args.node_rank,
+            images=args.images,
+            labels=args.labels,
+            preset=args.preset,
+            out=args.out,
+            folds=args.folds,
+            seed=args.seed,
+            workers=args.workers,
+            shard_samples=args.shard_samples,
+            resize=args.resize,
+            quality=args.quality,
+            group_column=args.group_column,
+            strict=args.strict,
+            check=args.check,
+            id_column=args.id_column,
+            label_columns=tuple(c for c in args.label_columns.split(",") if c),
+            path_column=args.path_column,
+            num_nodes=args.num_nodes,
+            node_rank=args.node_rank,
             progress=not args.no_progress,
-        )  # fmt: skip
+        )
         result = pack(cfg)
     except (PackError, PresetError, DatasetError, FileNotFoundError) as exc:
         print(f"retina-shard: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(result))
-    print(json.dumps({"accepted": result.accepted, "rejected": result.rejected, "shards": result.shards,
-                      "complete": result.complete, "rejected_by_reason": result.rejected_by_reason}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "accepted": result.accepted,
+                "rejected": result.rejected,
+                "shards": result.shards,
+                "complete": result.complete,
+                "rejected_by_reason": result.rejected_by_reason,
+            }
+        )
+    )
     if args.strict and result.rejected:
         print(f"retina-shard: error: --strict and {result.rejected} inputs were rejected", file=sys.stderr)
         return 3

@@ -75,7 +75,9 @@ class ImageFolder:
                 if len(matches) > 1:
                     shown = ", ".join(matches[:5]) + (" …" if len(matches) > 5 else "")
                     return Resolved(None, "ambiguous_file", f"{len(matches)} files are named {base}: {shown}")
-        where = " or ".join(candidates) + (" (also searched by name in every subfolder)" if preset.search_by_name else "")
+        where = " or ".join(candidates) + (
+            " (also searched by name in every subfolder)" if preset.search_by_name else ""
+        )
         return Resolved(None, "missing_file", f"no file {where} under --images")
 
     def _checked(self, rel: str) -> Resolved:

@@ -54,7 +54,7 @@ class TarShardWriter:
         self.path = Path(path)
         self._raw = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._hw = _HashingWriter(self._raw)
-        self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._lines: list[str] = []
         self._members: list[tuple[str, int, int]] = []
 

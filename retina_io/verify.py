@@ -117,8 +117,10 @@ def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None, present:
             comps = sample.components
             images = [e for e in ("jpg", "png") if e in comps]
             if len(images) != 1 or "json" not in comps or "labels" not in comps or len(comps) != 3:
-                raise DatasetError(f"{where}: sample {sample.key} has components {sorted(comps)}; "
-                                   "expected one of jpg/png, json, labels")  # fmt: skip
+                raise DatasetError(
+                    f"{where}: sample {sample.key} has components {sorted(comps)}; "
+                    "expected one of jpg/png, json, labels"
+                )
             raw = comps["labels"]
             if len(raw) != NUM_CLASSES or max(raw) > 1:
                 raise DatasetError(f"{where}: sample {sample.key} has a bad labels component {list(raw)}")
@@ -126,12 +128,15 @@ def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None, present:
                 if sample.key != expected_keys[i]:
                     raise DatasetError(f"{where}: sample {i} is {sample.key}, index.parquet says {expected_keys[i]}")
                 if not np.array_equal(np.frombuffer(raw, np.uint8), expected_labels[i]):
-                    raise DatasetError(f"{where}: sample {sample.key} labels {list(raw)} differ from index.parquet "
-                                       f"{expected_labels[i].tolist()}")  # fmt: skip
+                    raise DatasetError(
+                        f"{where}: sample {sample.key} labels {list(raw)} differ from index.parquet "
+                        f"{expected_labels[i].tolist()}"
+                    )
                 doc = json.loads(comps["json"])
                 if doc.get("key") != sample.key or doc.get("fold") != entry["fold"]:
-                    raise DatasetError(f"{where}: sample {sample.key} json names key {doc.get('key')} fold "
-                                       f"{doc.get('fold')}")  # fmt: skip
+                    raise DatasetError(
+                        f"{where}: sample {sample.key} json names key {doc.get('key')} fold {doc.get('fold')}"
+                    )
             keys.append(sample.key)
             members_all.append(members)
     except DatasetError:
@@ -139,8 +144,9 @@ def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None, present:
     except Exception as exc:
         raise DatasetError(f"{where} cannot be read as a tar ({exc})") from exc
     if len(keys) != entry["samples"] or len(keys) != len(expected_keys):
-        raise DatasetError(f"{where} holds {len(keys)} samples; manifest says {entry['samples']}, "
-                           f"index.parquet {len(expected_keys)}")  # fmt: skip
+        raise DatasetError(
+            f"{where} holds {len(keys)} samples; manifest says {entry['samples']}, index.parquet {len(expected_keys)}"
+        )
     idx = folder / entry["index"]
     if not idx.is_file():
         raise DatasetError(f"{where}: its DALI index {idx} is missing")

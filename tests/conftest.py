@@ -112,8 +112,12 @@ def make_messy_dataset(root: Path, *, n_good: int = 30) -> MessyDataset:
     # 16-bit grayscale PNG: converted to 8-bit RGB PNG (lossless)
     arr16 = (fundus_like(204)[..., 1].astype(np.uint16) * 257).astype(np.uint16)
     im16 = Image.fromarray(arr16)
-    add("sixteen.png", png_bytes(im16), ref=np.repeat((arr16 >> 8).astype(np.uint8)[..., None], 3, axis=2),
-        conversion="16bit")  # fmt: skip
+    add(
+        "sixteen.png",
+        png_bytes(im16),
+        ref=np.repeat((arr16 >> 8).astype(np.uint8)[..., None], 3, axis=2),
+        conversion="16bit",
+    )
     # EXIF-rotated JPEG (orientation 6: rotate 90° clockwise to display): converted to an upright JPEG
     arr = fundus_like(205, size=(80, 48))
     exif = Image.Exif()

@@ -26,8 +26,16 @@ from tests.conftest import write_synfundus_folder
 
 
 def _pack(ds, out: Path, **kw):
-    cfg = PackConfig(images=ds.images, labels=ds.labels, preset="synfundus", out=out, progress=False,
-                     shard_samples=kw.pop("shard_samples", 7), folds=kw.pop("folds", 3), **kw)  # fmt: skip
+    cfg = PackConfig(
+        images=ds.images,
+        labels=ds.labels,
+        preset="synfundus",
+        out=out,
+        progress=False,
+        shard_samples=kw.pop("shard_samples", 7),
+        folds=kw.pop("folds", 3),
+        **kw,
+    )
     return pack(cfg)
 
 
@@ -114,8 +122,13 @@ def test_roundtrip_dali_cpu(packed):
 
     @pipeline_def(batch_size=8, num_threads=2, device_id=None)
     def pipe():
-        img, lab, meta = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg;png", "labels", "json"],
-                                               missing_component_behavior="error", name="reader")  # fmt: skip
+        img, lab, meta = fn.readers.webdataset(
+            paths=tars,
+            index_paths=idxs,
+            ext=["jpg;png", "labels", "json"],
+            missing_component_behavior="error",
+            name="reader",
+        )
         return fn.decoders.image(img, device="cpu", output_type=types.RGB), lab, meta
 
     p = pipe()
@@ -194,29 +207,80 @@ def test_verify_refuses_non_dataset(tmp_path):
 def test_multi_node_equals_single(tmp_path):
     images, labels = write_synfundus_folder(tmp_path / "src", 40)
     single = tmp_path / "single"
-    pack(PackConfig(images=images, labels=labels, preset="synfundus", out=single, folds=3, shard_samples=4,
-                    workers=1, progress=False))  # fmt: skip
+    pack(
+        PackConfig(
+            images=images,
+            labels=labels,
+            preset="synfundus",
+            out=single,
+            folds=3,
+            shard_samples=4,
+            workers=1,
+            progress=False,
+        )
+    )
     multi = tmp_path / "multi"
-    kw = dict(images=images, labels=labels, preset="synfundus", out=multi, folds=3, shard_samples=4, workers=1,
-              progress=False, num_nodes=2)  # fmt: skip
+    kw = dict(
+        images=images,
+        labels=labels,
+        preset="synfundus",
+        out=multi,
+        folds=3,
+        shard_samples=4,
+        workers=1,
+        progress=False,
+        num_nodes=2,
+    )
     first = pack(PackConfig(node_rank=0, **kw))
     assert not first.complete and not (multi / "manifest.json").exists()
     second = pack(PackConfig(node_rank=1, **kw))
     assert second.complete and second.shards_written + first.shards_written == second.shards
-    for name in ["manifest.json", "index.parquet", "rejects.parquet", *[str(p.relative_to(single))
-                 for p in single.glob("fold*/*")]]:  # fmt: skip
+    for name in [
+        "manifest.json",
+        "index.parquet",
+        "rejects.parquet",
+        *[str(p.relative_to(single)) for p in single.glob("fold*/*")],
+    ]:
         assert (single / name).read_bytes() == (multi / name).read_bytes(), name
 
 
 def test_resume_after_sigkill(tmp_path):
     images, labels = write_synfundus_folder(tmp_path / "src", 240, size=(96, 80))
     ref = tmp_path / "ref"
-    pack(PackConfig(images=images, labels=labels, preset="synfundus", out=ref, folds=3, shard_samples=2,
-                    workers=1, progress=False))  # fmt: skip
+    pack(
+        PackConfig(
+            images=images,
+            labels=labels,
+            preset="synfundus",
+            out=ref,
+            folds=3,
+            shard_samples=2,
+            workers=1,
+            progress=False,
+        )
+    )
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "retina_io.shard_cli", "pack", "--images", str(images), "--labels", str(labels),
-           "--preset", "synfundus", "--out", str(out), "--folds", "3", "--shard-samples", "2", "--workers", "1",
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "retina_io.shard_cli",
+        "pack",
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--preset",
+        "synfundus",
+        "--out",
+        str(out),
+        "--folds",
+        "3",
+        "--shard-samples",
+        "2",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -228,8 +292,18 @@ def test_resume_after_sigkill(tmp_path):
     done_before = len(list((out / ".work").glob("*.json")))
     assert not (out / "manifest.json").exists(), "the run was killed before it finished (make the test data larger)"
     assert done_before >= 5
-    result = pack(PackConfig(images=images, labels=labels, preset="synfundus", out=out, folds=3, shard_samples=2,
-                             workers=2, progress=False))  # fmt: skip
+    result = pack(
+        PackConfig(
+            images=images,
+            labels=labels,
+            preset="synfundus",
+            out=out,
+            folds=3,
+            shard_samples=2,
+            workers=2,
+            progress=False,
+        )
+    )
     assert result.complete and result.shards_written <= result.shards - done_before
     assert not list(out.rglob("*.tmp-*")), "no temporary file survives a completed run"
     for p in ref.rglob("*"):
@@ -240,8 +314,19 @@ def test_resume_after_sigkill(tmp_path):
 def test_resize_keeps_aspect_and_quality(tmp_path):
     images, labels = write_synfundus_folder(tmp_path / "src", 12, size=(160, 120))
     out = tmp_path / "small"
-    pack(PackConfig(images=images, labels=labels, preset="synfundus", out=out, folds=2, resize=60, quality=95,
-                    workers=1, progress=False))  # fmt: skip
+    pack(
+        PackConfig(
+            images=images,
+            labels=labels,
+            preset="synfundus",
+            out=out,
+            folds=2,
+            resize=60,
+            quality=95,
+            workers=1,
+            progress=False,
+        )
+    )
     index = pl.read_parquet(out / "index.parquet")
     assert set(zip(index["width"].to_list(), index["height"].to_list(), strict=True)) == {(80, 60)}
     assert set(index["conversion"].to_list()) == {"resize=60"}
@@ -258,8 +343,22 @@ def test_resize_keeps_aspect_and_quality(tmp_path):
 
 def test_strict_and_nothing_packed(messy, tmp_path, capsys):
     def args(out: str) -> list[str]:
-        return ["pack", "--images", str(messy.images), "--labels", str(messy.labels), "--preset", "synfundus",
-                "--out", str(tmp_path / out), "--folds", "2", "--workers", "1", "--no-progress"]  # fmt: skip
+        return [
+            "pack",
+            "--images",
+            str(messy.images),
+            "--labels",
+            str(messy.labels),
+            "--preset",
+            "synfundus",
+            "--out",
+            str(tmp_path / out),
+            "--folds",
+            "2",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
 
     assert shard_main(args("s")) == 0
     assert shard_main([*args("s2"), "--strict"]) == 3
@@ -267,8 +366,23 @@ def test_strict_and_nothing_packed(messy, tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(PackError, match="nothing could be packed"):
         pack(PackConfig(images=empty, labels=messy.labels, preset="synfundus", out=tmp_path / "s3", progress=False))
-    assert shard_main(["pack", "--images", str(messy.images), "--labels", str(messy.labels), "--preset", "aptos",
-                       "--out", str(tmp_path / "s4"), "--no-progress"]) == 2  # fmt: skip
+    assert (
+        shard_main(
+            [
+                "pack",
+                "--images",
+                str(messy.images),
+                "--labels",
+                str(messy.labels),
+                "--preset",
+                "aptos",
+                "--out",
+                str(tmp_path / "s4"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "missing column(s) id_code, diagnosis" in err
 

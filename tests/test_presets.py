@@ -37,8 +37,9 @@ def _jpg(path: Path, seed: int) -> None:
 
 def _pack(tmp_path: Path, images: Path, labels: Path, preset: str, **kw) -> pl.DataFrame:
     out = tmp_path / f"out-{preset}"
-    result = pack(PackConfig(images=images, labels=labels, preset=preset, out=out, folds=2, workers=1,
-                             progress=False, **kw))  # fmt: skip
+    result = pack(
+        PackConfig(images=images, labels=labels, preset=preset, out=out, folds=2, workers=1, progress=False, **kw)
+    )
     assert result.complete
     return pl.read_parquet(out / "index.parquet"), pl.read_parquet(out / "rejects.parquet")
 
@@ -101,8 +102,9 @@ def test_aptos_and_messidor2(tmp_path):
         name = f"20051020_{i:05d}_0100_PP.png"
         _png(tmp_path / "IMAGES" / name, 10 + i)
         rows.append([name, "" if i == 5 else i % 5, int(i == 2), int(i != 5)])
-    labels = _write_csv(tmp_path / "messidor_data.csv", ["id_code", "diagnosis", "adjudicated_dme",
-                                                          "adjudicated_gradable"], rows)  # fmt: skip
+    labels = _write_csv(
+        tmp_path / "messidor_data.csv", ["id_code", "diagnosis", "adjudicated_dme", "adjudicated_gradable"], rows
+    )
     index, rejects = _pack(tmp_path, tmp_path / "IMAGES", labels, "messidor2")
     assert index.sort("id")["DME"].to_list() == [0, 0, 1, 0, 0]
     assert rejects["reason"].to_list() == ["bad_label"], "an ungradable image without a grade is rejected"
@@ -128,8 +130,15 @@ def test_generic_with_path_and_label_columns(tmp_path):
         _jpg(tmp_path / "imgs" / "a" / f"x{i}.jpg", i)
         rows.append([f"case{i}", f"a/x{i}.jpg", i % 2, int(i > 3), "site-A"])
     labels = _write_csv(tmp_path / "t.csv", ["case", "file", "has_dr", "glaucoma", "site"], rows)
-    index, _ = _pack(tmp_path, tmp_path / "imgs", labels, "generic", id_column="case", path_column="file",
-                     label_columns=("has_dr:DR", "glaucoma:GC"))  # fmt: skip
+    index, _ = _pack(
+        tmp_path,
+        tmp_path / "imgs",
+        labels,
+        "generic",
+        id_column="case",
+        path_column="file",
+        label_columns=("has_dr:DR", "glaucoma:GC"),
+    )
     index = index.sort("id")
     assert index["DR"].to_list() == [0, 1, 0, 1, 0, 1] and index["GC"].to_list() == [0, 0, 0, 0, 1, 1]
     assert index["site"].to_list() == ["site-A"] * 6
@@ -143,8 +152,14 @@ def test_parquet_input_with_numeric_columns(tmp_path):
     for i in range(8):
         name = f"p{i}.jpg"
         _jpg(tmp_path / "Fundus" / name, i)
-        recs.append({"file_name": name, "dr_grade": int(rng.integers(0, 5)), "eye_side": "right",
-                     **{c: int(rng.integers(0, 2)) for c in SYNFUNDUS_HEADER[3:]}})  # fmt: skip
+        recs.append(
+            {
+                "file_name": name,
+                "dr_grade": int(rng.integers(0, 5)),
+                "eye_side": "right",
+                **{c: int(rng.integers(0, 2)) for c in SYNFUNDUS_HEADER[3:]},
+            }
+        )
     df = pl.DataFrame(recs)
     df.write_parquet(tmp_path / "labels.parquet")
     index, rejects = _pack(tmp_path, tmp_path, tmp_path / "labels.parquet", "synfundus")
