@@ -194,8 +194,8 @@ def pack(cfg: PackConfig) -> PackResult:
     for row in rows:
         # A file named by a row counts as labelled even when the row itself is rejected (it is not a stray).
         res = folder.resolve(row["relpath"], preset) if row["reason"] != "unsafe_path" else None
-        if res is not None and res.relpath is not None:
-            claimed.add(res.relpath)
+        if res is not None and res.claimed is not None:
+            claimed.add(res.claimed)
         if row["reason"] is not None:
             rejects.append(
                 {

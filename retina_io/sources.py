@@ -22,6 +22,7 @@ class Resolved:
     relpath: str | None  # the file under --images (posix separators), or None when rejected
     reason: str | None = None
     detail: str | None = None
+    claimed: str | None = None  # the file the row names, even when rejected (so it is not also counted as a stray)
 
 
 class ImageFolder:
@@ -82,5 +83,5 @@ class ImageFolder:
 
     def _checked(self, rel: str) -> Resolved:
         if not self.inside(rel):
-            return Resolved(None, "unsafe_path", f"{rel} is a link that leads outside --images")
-        return Resolved(rel)
+            return Resolved(None, "unsafe_path", f"{rel} is a link that leads outside --images", claimed=rel)
+        return Resolved(rel, claimed=rel)

@@ -173,6 +173,10 @@ def make_messy_dataset(root: Path, *, n_good: int = 30) -> MessyDataset:
     ds.expected_reject["../../outside.jpg"] = "unsafe_path"
     rows.append(_row(str((root / "outside.jpg").resolve()), rng))
     ds.expected_reject[str((root / "outside.jpg").resolve())] = "unsafe_path"
+    # a link inside --images that leads outside it
+    (images / "Fundus" / "escape.jpg").symlink_to(root / "outside.jpg")
+    rows.append(_row("escape.jpg", rng))
+    ds.expected_reject["escape.jpg"] = "unsafe_path"
     # a stray file with no label row
     (images / "Fundus" / "stray.jpg").write_bytes(jpeg_bytes(fundus_like(503)))
     ds.n_strays = 1
