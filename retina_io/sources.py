@@ -34,19 +34,27 @@ class ImageFolder:
             raise FileNotFoundError(f"--images {self.root} is not a folder")
         self.real_root = os.path.realpath(self.root)
         excluded = {os.path.realpath(p) for p in exclude}
+        excluded_names = {os.path.basename(p) for p in excluded}
         self.files: dict[str, int] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames.sort()
-            rel_dir = os.path.relpath(dirpath, self.root)
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                if os.path.realpath(full) in excluded:
+        self.links: set[str] = set()  # files that are symbolic links (checked against leaving --images)
+        stack = [("", str(self.root))]
+        while stack:  # iterative scandir walk, sorted; directory links are not followed (no cycles)
+            rel_dir, path = stack.pop()
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in reversed(entries):
+                rel = f"{rel_dir}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", entry.path))
                     continue
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+                if entry.name in excluded_names and os.path.realpath(entry.path) in excluded:
+                    continue
                 try:
-                    self.files[rel] = os.stat(full).st_size
+                    self.files[rel] = entry.stat().st_size
                 except OSError:
-                    self.files[rel] = -1  # a dangling symlink: still a file someone put here
+                    self.files[rel] = -1  # a dangling link: still a file someone put here
+                if entry.is_symlink():
+                    self.links.add(rel)
         self.by_name: dict[str, list[str]] = defaultdict(list)
         self.by_casefold: dict[str, list[str]] = defaultdict(list)
         for rel in self.files:
@@ -58,6 +66,8 @@ class ImageFolder:
         return self.root / relpath
 
     def inside(self, relpath: str) -> bool:
+        if relpath not in self.links:
+            return True  # a regular file found by walking --images without following directory links
         real = os.path.realpath(os.path.join(self.root, relpath))
         return real == self.real_root or real.startswith(self.real_root + os.sep)
 
