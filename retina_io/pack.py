@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from retina_io.dataset import FORMAT_NAME, FORMAT_VERSION
 from retina_io.folds import assign_folds, shuffle_within_folds
 from retina_io.pack_worker import ProbeResult, SampleSpec, ShardTask, marker_path, probe_chunk, write_shard
 from retina_io.presets import LabelTable, get_preset, read_labels
@@ -42,8 +43,6 @@ from retina_io.sources import ImageFolder
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "retina-shards"
-FORMAT_VERSION = 1
 KEY_WIDTH = 9  # keys are zero-padded decimal ranks: fixed width, no dots, sortable, parseable as int64
 PROBE_CHUNK = 256
 REJECT_SCHEMA = {

@@ -9,7 +9,6 @@ against their recorded sha256, and the manifest's counts against the index.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,9 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from retina_io.pack import FORMAT_NAME, FORMAT_VERSION
+from retina_io.dataset import DatasetError, load_manifest
 from retina_io.schema import CLASSES, NUM_CLASSES
-from retina_io.tario import idx_text, iter_tar
-
-
-class DatasetError(RuntimeError):
-    """A folder that is not a readable shard-format-v1 dataset, or one that fails verification."""
+from retina_io.tario import idx_text, iter_tar, sha256_file
 
 
 @dataclass
@@ -32,39 +27,6 @@ class VerifyReport:
     shards: int
     samples: int
     bytes: int
-
-
-def load_manifest(folder: Path) -> dict:
-    """Read and sanity-check ``manifest.json``; the error names the folder and what to run."""
-    folder = Path(folder)
-    path = folder / "manifest.json"
-    if not path.is_file():
-        hint = " (packing still in progress on other nodes?)" if (folder / ".work").is_dir() else ""
-        raise DatasetError(
-            f"{folder} is not a packed dataset: no manifest.json{hint}. Create one with `retina-shard pack`."
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); repack with `retina-shard pack`") from exc
-    if manifest.get("format") != FORMAT_NAME:
-        raise DatasetError(f"{path} is not a retina shard manifest (format={manifest.get('format')!r})")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(
-            f"{folder} is shard format v{manifest.get('version')}, this retina reads v{FORMAT_VERSION}; repack it "
-            "with this version's `retina-shard pack`"
-        )
-    if tuple(manifest.get("classes", ())) != CLASSES:
-        raise DatasetError(f"{path}: classes {manifest.get('classes')} differ from {list(CLASSES)}")
-    return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(folder: Path, *, progress: bool = True) -> VerifyReport:
@@ -75,15 +37,14 @@ def verify(folder: Path, *, progress: bool = True) -> VerifyReport:
         p = folder / name
         if not p.is_file():
             raise DatasetError(f"{p} is missing; repack with `retina-shard pack`")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise DatasetError(f"{p} does not match its sha256 in manifest.json; repack with `retina-shard pack`")
     index = pl.read_parquet(folder / "index.parquet")
-    present = manifest["classes_present"]
     by_shard = {s: df for (s,), df in index.group_by("shard", maintain_order=True)}
     total = nbytes = 0
     shards = manifest["shards"]
     for entry in tqdm(shards, desc="verify shards", unit="shard", disable=not progress):
-        _verify_shard(folder, entry, by_shard.get(entry["path"]), present)
+        _verify_shard(folder, entry, by_shard.get(entry["path"]))
         total += entry["samples"]
         nbytes += entry["bytes"]
     if total != index.height or total != manifest["counts"]["accepted"]:
@@ -97,14 +58,14 @@ def verify(folder: Path, *, progress: bool = True) -> VerifyReport:
     return VerifyReport(len(shards), total, nbytes)
 
 
-def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None, present: list[str]) -> None:
+def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None) -> None:
     tar = folder / entry["path"]
     where = f"shard {tar}"
     if not tar.is_file():
         raise DatasetError(f"{where} is missing")
     if tar.stat().st_size != entry["bytes"]:
         raise DatasetError(f"{where} has {tar.stat().st_size} bytes, manifest says {entry['bytes']}")
-    if _sha256(tar) != entry["sha256"]:
+    if sha256_file(tar) != entry["sha256"]:
         raise DatasetError(f"{where} does not match its sha256 in manifest.json (corrupt or modified)")
     if rows is None:
         raise DatasetError(f"{where} has no rows in index.parquet")
