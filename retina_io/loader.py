@@ -1,0 +1,152 @@
+"""Batches for training and prediction: one config, two backends with the same interface.
+
+``build_loader(LoaderConfig(...))`` returns a loader with ``steps_per_epoch``, ``num_samples`` (this rank's real
+samples) and ``iter_epoch(epoch, start_step=0)``, which yields :class:`Batch` ``(images, labels, keys)``:
+
+- ``images``: float32/bfloat16/float16, ``N×C×H×W``; with ``layout="NHWC"`` the same shape in channels-last memory
+  (what ``model.to(memory_format=torch.channels_last)`` wants), normalised with the backbone's mean/std;
+- ``labels``: float ``N×11`` on the device (read as ``uint8[11]`` from the shard, converted on the device);
+- ``keys``: int64 ``N``, the sample keys of shard format v1 as integers; **-1 marks a padded row** (every rank runs
+  the same number of full batches; padded rows must not reach a loss, a metric or an OOF file: ``keys >= 0``).
+
+Backends: ``dali`` (NVIDIA DALI: ``fn.readers.webdataset`` over the folds' tars and ``.idx`` files, decoding on the
+GPU with ``decode_device="mixed"`` or on the CPU with ``"cpu"``) and ``wds`` (the stock ``webdataset`` library +
+PIL + a torch DataLoader, for machines without DALI). In eval mode both yield the same keys with the same labels.
+
+Ranks: ``rank``/``world_size`` split each epoch's samples into equal contiguous parts (DALI's ``shard_id`` /
+``num_shards``); parts are padded to the same number of batches. Train mode reshuffles every epoch (the epoch number
+is part of the seed): the order of the tars is permuted, then a shuffle buffer mixes samples (the packer already
+shuffled each fold globally). Eval mode reads in manifest order, deterministically.
+
+Resume: ``iter_epoch(epoch, start_step=N)`` yields exactly the batches an uninterrupted epoch yields from step N on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    """Train-mode augmentation, chosen for fundus photographs (a circular field on black; no strong geometry)."""
+
+    random_area: tuple[float, float] = (0.55, 1.0)  # random resized crop: fraction of the image area kept
+    random_aspect_ratio: tuple[float, float] = (0.85, 1.18)
+    hflip: float = 0.5  # probability; a flipped right eye looks like a left eye
+    vflip: float = 0.0
+    rotate_degrees: float = 15.0  # uniform in ±degrees, black fill like the surround
+    brightness: float = 0.2  # factor uniform in 1 ± brightness
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue_degrees: float = 4.0  # shift uniform in ± degrees
+    gamma: tuple[float, float] | None = None  # e.g. (0.8, 1.25): pixel ** gamma on [0, 1]
+    blur_probability: float = 0.0  # Gaussian blur with sigma uniform in blur_sigma
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+
+
+@dataclass
+class LoaderConfig:
+    """Everything a loader needs; the defaults are documented in the README (host memory and prefetch)."""
+
+    data: Path  # a packed dataset folder (shard format v1)
+    folds: Sequence[int]
+    mode: str = "train"  # "train" or "eval"
+    image_size: int = 224  # the backbone's input size (square)
+    batch_size: int = 64  # per rank
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1]
+    std: tuple[float, float, float] = IMAGENET_STD
+    layout: str = "NCHW"  # "NCHW" or "NHWC" (channels-last memory, NCHW shape)
+    dtype: str = "float32"  # "float32", "bfloat16" or "float16"
+    backend: str = "dali"  # "dali" or "wds"
+    device: str = "cpu"  # where batches are delivered: "cpu" or "cuda[:N]"
+    decode_device: str = "auto"  # DALI: "mixed" (nvJPEG on the GPU), "cpu", or "auto" (mixed when device is cuda)
+    hw_decoder_load: float = 0.65  # DALI mixed: share of JPEGs sent to the hardware decoder (A100/H100)
+    num_threads: int = 2  # DALI CPU threads / fallback DataLoader workers
+    prefetch_queue_depth: int = 2  # batches prepared ahead (DALI pipeline queue; fallback: per worker)
+    shuffle_buffer: int = 1024  # samples in the train-mode shuffle buffer (DALI initial_fill)
+    eval_crop: float = 1.0  # eval: resize the short side to image_size / eval_crop, center-crop image_size
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval'; got {self.mode!r}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be 'NCHW' or 'NHWC' (channels-last); got {self.layout!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.backend not in ("dali", "wds"):
+            raise ValueError(f"backend must be 'dali' or 'wds'; got {self.backend!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in 0..{self.world_size - 1}; got {self.rank}")
+        if self.batch_size < 1 or self.image_size < 8:
+            raise ValueError(f"batch_size >= 1 and image_size >= 8 needed; got {self.batch_size}, {self.image_size}")
+        self.data = Path(self.data)
+        self.folds = tuple(int(f) for f in self.folds)
+
+    @property
+    def resolved_decode_device(self) -> str:
+        if self.decode_device == "auto":
+            return "mixed" if self.device.startswith("cuda") else "cpu"
+        if self.decode_device not in ("mixed", "cpu"):
+            raise ValueError(f"decode_device must be 'mixed', 'cpu' or 'auto'; got {self.decode_device!r}")
+        return self.decode_device
+
+
+class Batch(NamedTuple):
+    images: object  # torch.Tensor
+    labels: object  # torch.Tensor, float N×11
+    keys: object  # torch.Tensor, int64 N; -1 = padded
+
+
+class Loader(Protocol):
+    steps_per_epoch: int
+    num_samples: int
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
+
+
+def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous part ``[start, end)`` of ``n`` samples (DALI's ``shard_id``/``num_shards`` split)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
+    """Batches every rank runs per epoch: the largest part, padded up to whole batches."""
+    largest_part = math.ceil(n / world_size)
+    return math.ceil(largest_part / batch_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 31-bit seed from the run's seed and the epoch (DALI seeds are int32)."""
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31 - 1)
+
+
+def build_loader(cfg: LoaderConfig) -> Loader:
+    """The loader for ``cfg.backend``."""
+    if cfg.backend == "dali":
+        from retina_io.dali_loader import DaliLoader
+
+        return DaliLoader(cfg)
+    from retina_io.wds_loader import WdsLoader
+
+    return WdsLoader(cfg)
+
+
+def epoch_shards(shards: list, cfg: LoaderConfig, epoch: int) -> list:
+    """The shards in this epoch's reading order: manifest order in eval mode, a seeded permutation in train mode."""
+    if cfg.mode == "eval":
+        return list(shards)
+    import numpy as np
+
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(shards))
+    return [shards[i] for i in order]

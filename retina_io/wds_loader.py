@@ -1,0 +1,163 @@
+"""The fallback backend of :mod:`retina_io.loader`: the stock ``webdataset`` library + PIL + a torch DataLoader.
+
+For machines without DALI. The same epoch plan as the DALI backend: the epoch's shard order, each rank's contiguous
+part of the samples, a seeded shuffle buffer in train mode, padding with copies of the part's last sample (key -1) up
+to the same number of batches on every rank. Batch ``j`` is decoded by DataLoader worker ``(j - start_step) %
+workers``, so batches arrive in order; every worker reads the rank's stream (cheap: bytes, not pixels) and decodes
+only its own batches. Augmentations are torchvision's, with the parameters of :class:`AugmentConfig`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from retina_io.dataset import PackedDataset
+from retina_io.loader import Batch, LoaderConfig, epoch_seed, epoch_shards, rank_range, steps_per_epoch
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_transform(cfg: LoaderConfig):
+    """torchvision transforms equivalent to the DALI pipeline's (PIL image in, normalised float CHW tensor out)."""
+    from torchvision.transforms import v2 as T
+
+    size, aug = cfg.image_size, cfg.augment
+    steps: list = []
+    if cfg.mode == "train":
+        steps.append(T.RandomResizedCrop(size, scale=aug.random_area, ratio=aug.random_aspect_ratio, antialias=True))
+        if aug.hflip > 0:
+            steps.append(T.RandomHorizontalFlip(aug.hflip))
+        if aug.vflip > 0:
+            steps.append(T.RandomVerticalFlip(aug.vflip))
+        if aug.rotate_degrees > 0:
+            steps.append(T.RandomRotation(aug.rotate_degrees, fill=0))
+        steps.append(T.ColorJitter(brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation,
+                                   hue=aug.hue_degrees / 360.0))  # fmt: skip
+        if aug.gamma is not None:
+            lo, hi = aug.gamma
+            steps.append(T.Lambda(lambda im: T.functional.adjust_gamma(im, random.uniform(lo, hi))))
+        if aug.blur_probability > 0:
+            k = 2 * int(3 * aug.blur_sigma[1]) + 1
+            steps.append(T.RandomApply([T.GaussianBlur(k, sigma=aug.blur_sigma)], p=aug.blur_probability))
+    else:
+        steps += [T.Resize(round(size / cfg.eval_crop), antialias=True), T.CenterCrop(size)]
+    steps += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
+class _EpochStream(IterableDataset):
+    def __init__(self, cfg: LoaderConfig, shards: list, total: int, steps: int, epoch: int, start_step: int):
+        self.cfg, self.shards, self.total, self.steps = cfg, shards, total, steps
+        self.epoch, self.start_step = epoch, start_step
+
+    def _part(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """This rank's contiguous part of the epoch's sample stream: (key, image bytes, label bytes)."""
+        import webdataset as wds
+
+        cfg = self.cfg
+        start, end = rank_range(self.total, cfg.rank, cfg.world_size)
+        urls, offset, first = [], 0, None
+        for s in self.shards:  # read only the tars that overlap [start, end)
+            if offset + s.samples > start and offset < end:
+                first = offset if first is None else first
+                urls.append(str(s.tar))
+            offset += s.samples
+        if not urls:
+            return
+        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        for i, sample in enumerate(ds, start=first):
+            if i >= end:
+                break
+            if i < start:
+                continue
+            image = sample.get("jpg") or sample.get("png")
+            if image is None or "labels" not in sample:
+                raise RuntimeError(f"sample {sample['__key__']} in {sample['__url__']} lacks an image or labels")
+            yield int(sample["__key__"]), image, sample["labels"]
+
+    def _stream(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """The part shuffled (train mode) and padded to whole batches with copies of its last sample (key -1)."""
+        cfg = self.cfg
+        items = self._part()
+        if cfg.mode == "train":
+            items = _buffer_shuffle(items, cfg.shuffle_buffer, np.random.default_rng(epoch_seed(cfg.seed, self.epoch)))
+        last, count = None, 0
+        for item in items:
+            yield item
+            last, count = item, count + 1
+        if last is not None:
+            for _ in range(self.steps * cfg.batch_size - count):
+                yield -1, last[1], last[2]
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        cfg = self.cfg
+        transform = build_transform(cfg)
+        rows: list[tuple[int, bytes, bytes]] = []
+        for pos, item in enumerate(self._stream()):
+            j = pos // cfg.batch_size
+            if j >= self.start_step and (j - self.start_step) % nw == wid:
+                rows.append(item)
+            if (pos + 1) % cfg.batch_size == 0 and rows:
+                yield self._collate(rows, j, transform)
+                rows = []
+
+    def _collate(self, rows, j: int, transform):
+        cfg = self.cfg
+        # per-batch seed: augmentations depend neither on the worker count nor on resuming
+        seed = epoch_seed(cfg.seed, self.epoch) * 131 + cfg.rank * 1_000_003 + j
+        random.seed(seed)
+        torch.manual_seed(seed)
+        images = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for _, b, _ in rows])
+        labels = torch.tensor(np.frombuffer(b"".join(lab for _, _, lab in rows), np.uint8).reshape(len(rows), -1))
+        return images, labels, torch.tensor([k for k, _, _ in rows], dtype=torch.int64)
+
+
+def _buffer_shuffle(items: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
+    """A shuffle buffer like DALI's reader: fill ``buffer`` items, then emit a random one for each new item."""
+    buf: list = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= buffer:
+            yield buf.pop(int(rng.integers(len(buf))))
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
+
+
+class WdsLoader:
+    """See :mod:`retina_io.loader`."""
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.dataset = PackedDataset.open(cfg.data)
+        self.shards = self.dataset.shards(cfg.folds)
+        self.total = sum(s.samples for s in self.shards)
+        start, end = rank_range(self.total, cfg.rank, cfg.world_size)
+        self.num_samples = end - start
+        self.steps_per_epoch = steps_per_epoch(self.total, cfg.batch_size, cfg.world_size)
+        self.device = torch.device(cfg.device)
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        cfg = self.cfg
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in 0..{self.steps_per_epoch}; got {start_step}")
+        shards = epoch_shards(self.shards, cfg, epoch)
+        stream = _EpochStream(cfg, shards, self.total, self.steps_per_epoch, epoch, start_step)
+        workers = max(0, cfg.num_threads)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                            prefetch_factor=cfg.prefetch_queue_depth if workers else None,
+                            pin_memory=self.device.type == "cuda")  # fmt: skip
+        dtype = _TORCH_DTYPES[cfg.dtype]
+        for images, labels, keys in loader:
+            x = images.to(self.device, non_blocking=True)
+            if cfg.layout == "NHWC":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x.to(dtype), labels.to(self.device, non_blocking=True).float(), keys.to(self.device))
