@@ -1,0 +1,170 @@
+"""Loaders: keys and labels round-trip, equal batches per rank, eval covered exactly once, reshuffle, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from retina_io.dataset import DatasetError
+from retina_io.loader import LoaderConfig, build_loader
+from retina_io.pack import PackConfig, pack
+from retina_io.schema import CLASSES
+from tests.conftest import write_synfundus_folder
+
+BACKENDS = ["dali", "wds"]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    images, labels = write_synfundus_folder(root / "src", 83, size=(72, 60))
+    out = root / "shards"
+    pack(PackConfig(images=images, labels=labels, preset="synfundus", out=out, folds=3, shard_samples=6, workers=1,
+                    progress=False))  # fmt: skip
+    return out
+
+
+def _cfg(data: Path, backend: str, **kw) -> LoaderConfig:
+    base = dict(data=data, folds=(0, 1, 2), mode="eval", image_size=32, batch_size=8, backend=backend, num_threads=1)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def _epoch(loader, epoch=0, start_step=0):
+    keys, labels, images, steps = [], [], [], 0
+    for batch in loader.iter_epoch(epoch, start_step=start_step):
+        steps += 1
+        keys += batch.keys.tolist()
+        labels.append(batch.labels.numpy())
+        images.append(batch.images.float().numpy())
+    return keys, np.concatenate(labels), np.concatenate(images), steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_and_labels_roundtrip(packed, backend):
+    index = pl.read_parquet(packed / "index.parquet")
+    truth = {
+        int(k): [row[c] for c in CLASSES] for k, row in zip(index["key"], index.iter_rows(named=True), strict=True)
+    }
+    loader = build_loader(_cfg(packed, backend))
+    keys, labels, images, steps = _epoch(loader)
+    assert steps == loader.steps_per_epoch == -(-83 // 8)
+    real = [i for i, k in enumerate(keys) if k >= 0]
+    assert sorted(keys[i] for i in real) == sorted(truth)
+    for i in real:
+        assert labels[i].tolist() == truth[keys[i]]
+    assert images.shape[1:] == (3, 32, 32) and labels.dtype == np.float32
+    assert abs(images[real].mean()) < 1.5, "normalised with mean/std"
+
+
+def test_both_loaders_agree_in_eval(packed):
+    dali_keys, dali_labels, dali_images, _ = _epoch(build_loader(_cfg(packed, "dali")))
+    wds_keys, wds_labels, wds_images, _ = _epoch(build_loader(_cfg(packed, "wds")))
+    assert dali_keys == wds_keys
+    assert np.array_equal(dali_labels, wds_labels)
+    real = [i for i, k in enumerate(dali_keys) if k >= 0]
+    # different JPEG decoders and resamplers: the same pictures, not the same bits
+    assert np.abs(dali_images[real] - wds_images[real]).mean() < 0.15
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epoch_reshuffles_order_not_content(packed, backend):
+    loader = build_loader(_cfg(packed, backend, mode="train", shuffle_buffer=16))
+    k0 = [k for k in _epoch(loader, 0)[0] if k >= 0]
+    k1 = [k for k in _epoch(loader, 1)[0] if k >= 0]
+    assert k0 != k1 and sorted(k0) == sorted(k1) and len(k0) == 83
+    again = [k for k in _epoch(loader, 0)[0] if k >= 0]
+    assert again == k0, "an epoch is deterministic"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_yields_exactly_the_remaining_batches(packed, backend):
+    loader = build_loader(_cfg(packed, backend, mode="train", shuffle_buffer=16))
+    keys, labels, images, steps = _epoch(loader, 2)
+    rkeys, rlabels, rimages, rsteps = _epoch(loader, 2, start_step=4)
+    assert rsteps == steps - 4
+    assert rkeys == keys[4 * 8 :]
+    assert np.array_equal(rlabels, labels[4 * 8 :])
+    assert np.allclose(rimages, images[4 * 8 :]), "same samples with the same augmentation"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_and_dtype(packed, backend):
+    loader = build_loader(_cfg(packed, backend, layout="NHWC", dtype="bfloat16", folds=(1,)))
+    batch = next(iter(loader.iter_epoch(0)))
+    assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.bfloat16
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.dtype == torch.float32 and batch.keys.dtype == torch.int64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, data: str, backend: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loader = build_loader(_cfg(Path(data), backend, rank=rank, world_size=world, batch_size=6))
+    keys, steps = [], 0
+    for batch in loader.iter_epoch(0):
+        dist.all_reduce(torch.ones(1))  # lockstep: a rank with fewer batches would hang the other here
+        keys += batch.keys.tolist()
+        steps += 1
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, {"keys": keys, "steps": steps})
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_equal_batches_cover_eval_once(packed, backend, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ranks.json"
+    ctx = mp.start_processes(_rank_main, args=(2, _free_port(), str(packed), backend, str(out)), nprocs=2,
+                             join=False, start_method="spawn")  # fmt: skip
+    deadline = 120
+    import time
+
+    t0 = time.time()
+    while not ctx.join(timeout=5):
+        assert time.time() - t0 < deadline, "ranks hang at the end of the epoch"
+    ranks = json.loads(out.read_text())
+    assert ranks[0]["steps"] == ranks[1]["steps"] == -(-42 // 6)  # 83 samples: parts of 41 and 42
+    real = [k for r in ranks for k in r["keys"] if k >= 0]
+    assert len(real) == 83 and len(set(real)) == 83
+
+
+def test_clear_errors(packed, tmp_path):
+    import shutil
+
+    with pytest.raises(DatasetError, match="retina-shard pack"):
+        build_loader(_cfg(tmp_path, "dali"))
+    with pytest.raises(DatasetError, match="folds 0..2"):
+        build_loader(_cfg(packed, "dali", folds=(3,)))
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    next(copy.glob("fold1/*.idx")).unlink()
+    with pytest.raises(DatasetError, match=r"\.idx is missing; run `retina-shard verify"):
+        build_loader(_cfg(copy, "dali"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["fold"] != 2]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="fold 2 has no shards"):
+        build_loader(_cfg(copy, "wds", folds=(2,)))
+    manifest["version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="shard format v2"):
+        build_loader(_cfg(copy, "dali"))
