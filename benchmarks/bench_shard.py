@@ -19,24 +19,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.common import BenchResult, Row, best_of, warm_cache
+from benchmarks.common import BenchResult, Row, best_of, ensure_images, warm_cache
 from retina_io.imaging import target_size
 from retina_io.pack import PackConfig, pack
 
 STORE_GOAL = 1.0
 RESIZE_GOAL = 2.5
-
-
-def ensure_images(cache: Path, *, n: int, size: int = 512, seed: int = 0) -> tuple[Path, Path]:
-    """``n`` procedural fundus JPEGs (SynFundus layout) in ``cache``, generated on first use."""
-    from retina_io.synth import generate_dataset
-
-    folder = cache / f"synfundus-{n}-{size}-{seed}"
-    labels = folder / "labels.csv"
-    if not labels.is_file():
-        shutil.rmtree(folder, ignore_errors=True)
-        generate_dataset(folder, n=n, size=size, seed=seed, workers=None, progress=True)
-    return folder, labels
 
 
 def naive_resize(files: list[Path], out: Path, short_side: int, quality: int) -> None:

@@ -107,3 +107,27 @@ def warm_cache(paths: list[Path]) -> int:
 def emit(result: BenchResult) -> None:
     print(result.markdown())
     print(json.dumps(result.to_json()))
+
+
+def ensure_images(cache: Path, *, n: int, size: int = 512, seed: int = 0) -> tuple[Path, Path]:
+    """``n`` procedural fundus JPEGs (SynFundus layout) in ``cache``, generated on first use."""
+    import shutil
+
+    from retina_io.synth import generate_dataset
+
+    folder = cache / f"synfundus-{n}-{size}-{seed}"
+    labels = folder / "labels.csv"
+    if not labels.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        generate_dataset(folder, n=n, size=size, seed=seed, workers=None, progress=True)
+    return folder, labels
+
+
+def ensure_packed(cache: Path, images: Path, labels: Path) -> Path:
+    """The images packed (store mode, 5 folds) into ``cache``, on first use."""
+    from retina_io.pack import PackConfig, pack
+
+    out = cache / f"{images.name}-shards"
+    if not (out / "manifest.json").is_file():
+        pack(PackConfig(images=images, labels=labels, preset="synfundus", out=out, progress=False))
+    return out
