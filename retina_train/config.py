@@ -1,0 +1,160 @@
+"""Training configuration: dataclass defaults <- ``retina_train/configs/BACKBONE.yaml`` <- ``--config FILE`` <- CLI.
+
+The resolved config is written beside the run (``runs/EXP/MODEL/config.yaml``); a rerun into the same folder must
+resolve to the same config (up to the fields in :data:`VOLATILE`) or it is refused with the differing keys listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retina_io.loader import AugmentConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+# Fields that may change between a run and its resumption without changing what is computed.
+VOLATILE = {"train.folds", "train.resume", "train.log_interval", "data.num_threads", "data.prefetch_queue_depth",
+            "train.checkpoint_every", "out"}  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny_resnet"
+    pretrained: str = "none"  # "timm" (timm's weights) or "none" (random init)
+    pretrained_file: str | None = None  # a local weights file (RETFound: its MAE .pth)
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_decay: float | None = None  # None: the backbone's default (RETFound 0.65), else no decay
+
+
+@dataclass
+class DataConfig:
+    data: str = ""  # packed dataset folder (shard format v1)
+    image_size: int = 0  # 0: the backbone's input size
+    batch_size: int = 32  # micro batch per rank
+    grad_accum: int = 1
+    backend: str = "dali"  # "dali" or "wds"
+    num_threads: int = 2
+    prefetch_queue_depth: int = 2
+    shuffle_buffer: int = 1024
+    channels_last: bool = True  # CNNs on a GPU
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0
+    pos_weight: bool = False  # BCE pos_weight per class from the training folds' prevalence
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    folds: str = "all"  # "all" or "0,2"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    precision: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu), "fp32", "bf16"
+    zero_stage: int = 0
+    compile: bool = False  # torch.compile the model (GPU)
+    checkpoint_every: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: at each epoch's end only)
+    log_interval: int = 10
+    deepspeed_config: str | None = None  # a user's DeepSpeed JSON, used instead of the generated one
+    resume: bool = False  # resume explicitly (a folder holding a checkpoint is resumed anyway)
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/exp"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration a user got wrong: an unknown key, a bad value, a conflicting earlier run."""
+
+
+def _merge(obj: Any, updates: dict, where: str) -> None:
+    """Set the fields of dataclass ``obj`` from a nested dict; unknown keys are an error naming them."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}; known: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key} must be a mapping")
+            _merge(current, value, f"{where}.{key}")
+        else:
+            if isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(value)
+            setattr(obj, key, value)
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return data
+
+
+def resolve_config(backbone: str, *, config_file: Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults <- the backbone's YAML <- ``config_file`` <- ``overrides`` (nested dict, e.g. from the CLI)."""
+    cfg = RunConfig()
+    cfg.model.backbone = backbone
+    preset = CONFIG_DIR / f"{backbone}.yaml"
+    if preset.is_file():
+        _merge(cfg, load_yaml(preset), str(preset))
+    if config_file is not None:
+        _merge(cfg, load_yaml(config_file), str(config_file))
+    if overrides:
+        _merge(cfg, overrides, "command line")
+    cfg.model.backbone = backbone
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    _merge(cfg, d, "config")
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """Keys (dotted) whose values differ between two resolved configs, ignoring :data:`VOLATILE` fields."""
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if k not in VOLATILE and fa.get(k) != fb.get(k))

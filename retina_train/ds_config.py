@@ -1,0 +1,74 @@
+"""The DeepSpeed config, generated from ours (or a user's JSON with the batch sizes checked).
+
+Precision: on a GPU the default is DeepSpeed's ``torch_autocast`` section with bfloat16 — weights, optimizer state
+and BatchNorm statistics stay fp32, only Linear/Conv2d compute in bf16 — rather than DeepSpeed's ``bf16`` mode, which
+would hold the weights (and BatchNorm running statistics) in bf16 with fp32 master copies in the optimizer. On the
+CPU: fp32, and ``torch_adam`` (DeepSpeed's fused Adam needs CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from retina_train.config import ConfigError, RunConfig
+
+
+def build_ds_config(
+    cfg: RunConfig,
+    *,
+    world_size: int,
+    total_steps: int,
+    warmup_steps: int,
+    device: str,
+    precision: str,
+) -> dict:
+    """The DeepSpeed config dict for ``cfg`` (``total_steps``/``warmup_steps`` count optimizer steps)."""
+    micro, accum = cfg.data.batch_size, cfg.data.grad_accum
+    if cfg.train.deepspeed_config:
+        path = Path(cfg.train.deepspeed_config)
+        try:
+            user = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--deepspeed-config {path} cannot be read as JSON: {exc}") from exc
+        user.setdefault("train_micro_batch_size_per_gpu", micro)
+        user.setdefault("gradient_accumulation_steps", accum)
+        if user["train_micro_batch_size_per_gpu"] != micro:
+            raise ConfigError(f"{path}: train_micro_batch_size_per_gpu {user['train_micro_batch_size_per_gpu']} "
+                              f"differs from --batch-size {micro}; the loader needs them equal")  # fmt: skip
+        user.pop("train_batch_size", None)
+        return user
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": 1e-8,
+                "weight_decay": cfg.optim.weight_decay,
+                "torch_adam": device == "cpu",
+            },
+        },  # fmt: skip
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 0),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": cfg.optim.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },  # fmt: skip
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                "lower_precision_safe_modules": ["torch.nn.modules.linear.Linear",
+                                                                 "torch.nn.modules.conv.Conv2d"]}  # fmt: skip
+    return ds
