@@ -1,0 +1,165 @@
+"""Training through the real DeepSpeed launcher on CPU ranks (gloo): OOF exactly once, learning vs. a shuffled control,
+kill and resume, two "nodes" on loopback, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from retina_io.pack import PackConfig, pack
+from retina_io.schema import CLASSES
+from retina_train.oof import check_fold_oof
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "retina_train" / "run.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """Procedural fundus images packed twice: with their labels, and with labels shuffled across images (control)."""
+    from retina_io.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    labels = generate_dataset(root / "src", n=450, size=96, seed=3, workers=2, progress=False)
+    common = dict(images=root / "src", preset="synfundus", folds=3, shard_samples=40, workers=2, progress=False)
+    pack(PackConfig(labels=labels, out=root / "shards", **common))
+    table = pl.read_csv(labels)
+    perm = np.random.default_rng(0).permutation(table.height)
+    label_cols = [c for c in table.columns if c != "file_name"]
+    control = table.select("file_name").hstack(table.select(label_cols)[perm])
+    control.write_csv(root / "control.csv")
+    pack(PackConfig(labels=root / "control.csv", out=root / "control", **common))
+    return root
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [str(RUN), "--backbone", "tiny_resnet", "--data", str(data), "--out", str(out), "--device", "cpu",
+            "--set", "train.log_interval=2", *extra]  # fmt: skip
+
+
+def _launch(data: Path, out: Path, *extra: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), *_args(data, out, *extra)]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _oof_auc(data: Path, out: Path, folds: list[int]) -> float:
+    index = pl.read_parquet(data / "index.parquet")
+    parts = []
+    for k in folds:
+        expected = index.filter(pl.col("fold") == k)["key"].to_list()
+        parts.append(check_fold_oof(out / "tiny_resnet" / f"fold{k}", expected))
+    oof = pl.concat(parts).join(index.select("key", *[pl.col(c).alias(f"y_{c}") for c in CLASSES]), on="key")
+    aucs = [roc_auc_score(oof[f"y_{c}"], oof[c]) for c in CLASSES if 0 < oof[f"y_{c}"].sum() < oof.height]
+    return float(np.mean(aucs))
+
+
+def test_two_ranks_write_exactly_once_oof(synth, tmp_path):
+    _launch(synth / "shards", tmp_path / "run", "--folds", "0", "--epochs", "1", "--batch-size", "16")
+    fold_dir = tmp_path / "run" / "tiny_resnet" / "fold0"
+    assert sorted(p.name for p in fold_dir.glob("oof-rank*.parquet")) == ["oof-rank0.parquet", "oof-rank1.parquet"]
+    index = pl.read_parquet(synth / "shards" / "index.parquet")
+    oof = check_fold_oof(fold_dir, index.filter(pl.col("fold") == 0)["key"].to_list())
+    assert oof.schema == {"key": pl.String, "fold": pl.Int32, **{c: pl.Float32 for c in CLASSES}}
+    per_rank = [pl.read_parquet(p).height for p in sorted(fold_dir.glob("oof-rank*.parquet"))]
+    assert abs(per_rank[0] - per_rank[1]) <= 1, per_rank
+
+
+@pytest.mark.slow
+def test_two_ranks_learn_and_control_does_not(synth, tmp_path):
+    res = _launch(synth / "shards", tmp_path / "real", "--folds", "0,1", "--epochs", "4", "--batch-size", "8")
+    ranks = sorted((tmp_path / "real" / "tiny_resnet" / "fold0").glob("oof-rank*.parquet"))
+    assert [p.name for p in ranks] == ["oof-rank0.parquet", "oof-rank1.parquet"], res.stdout[-2000:]
+    real = _oof_auc(synth / "shards", tmp_path / "real", [0, 1])  # also checks exactly-once coverage
+    _launch(synth / "control", tmp_path / "control", "--folds", "0,1", "--epochs", "4", "--batch-size", "8")
+    control = _oof_auc(synth / "control", tmp_path / "control", [0, 1])
+    assert real > 0.7, real
+    assert abs(control - 0.5) < 0.08, control
+    assert real - control > 0.2
+    done = json.loads((tmp_path / "real" / "tiny_resnet" / "fold0" / "done.json").read_text())
+    assert done["world_size"] == 2 and len(done["history"]) == 4
+    log = [json.loads(x) for x in (tmp_path / "real" / "tiny_resnet" / "fold0" / "train_log.jsonl").open()]
+    steps = [r for r in log if "loss" in r]
+    assert steps and all({"loss", "lr", "images_per_s", "data_wait"} <= set(r) for r in steps)
+    from safetensors.torch import load_file
+
+    from retina_train.backbones import create_backbone
+
+    model = create_backbone("tiny_resnet")
+    model.load_state_dict(load_file(str(tmp_path / "real" / "tiny_resnet" / "fold0" / "best.safetensors")))
+
+
+def test_killed_mid_epoch_resumes_to_exactly_once_oof(synth, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, *_args(synth / "shards", out, "--folds", "1", "--epochs", "2", "--batch-size", "8",
+                                  "--set", "train.checkpoint_every=4")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    latest = out / "tiny_resnet" / "fold1" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and "step" in latest.read_text():
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.is_file() and "step" in latest.read_text(), "killed mid-epoch, after a step checkpoint"
+    assert not (out / "tiny_resnet" / "fold1" / "done.json").exists()
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at epoch 0 step" in res.stderr
+    index = pl.read_parquet(synth / "shards" / "index.parquet")
+    check_fold_oof(out / "tiny_resnet" / "fold1", index.filter(pl.col("fold") == 1)["key"].to_list())
+
+
+def test_two_nodes_on_loopback(synth, tmp_path):
+    port = str(_free_port())
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # the same machine twice, as two "nodes"
+    procs = []
+    for node in (0, 1):
+        cmd = [str(DEEPSPEED), "--hostfile", str(hostfile), "--num_nodes", "2", "--node_rank", str(node), "--no_ssh",
+               "--master_addr", "127.0.0.1", "--master_port", port,
+               *_args(synth / "shards", tmp_path / "nodes", "--folds", "2", "--epochs", "1")]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    index = pl.read_parquet(synth / "shards" / "index.parquet")
+    fold_dir = tmp_path / "nodes" / "tiny_resnet" / "fold2"
+    assert sorted(p.name for p in fold_dir.glob("oof-rank*.parquet")) == ["oof-rank0.parquet", "oof-rank1.parquet"]
+    check_fold_oof(fold_dir, index.filter(pl.col("fold") == 2)["key"].to_list())
+
+
+def test_clear_errors(synth, tmp_path):
+    from retina_train.run import main
+
+    assert main(["--backbone", "nope", "--data", str(synth / "shards"), "--out", str(tmp_path)]) == 2
+    assert main([*_args(synth / "shards", tmp_path / "x")[1:], "--folds", "7"]) == 2
+    assert main([*_args(tmp_path, tmp_path / "y")[1:]]) == 2
