@@ -157,9 +157,20 @@ def test_two_nodes_on_loopback(synth, tmp_path):
     check_fold_oof(fold_dir, index.filter(pl.col("fold") == 2)["key"].to_list())
 
 
-def test_clear_errors(synth, tmp_path):
+def test_clear_errors(synth, tmp_path, capsys):
     from retina_train.run import main
 
     assert main(["--backbone", "nope", "--data", str(synth / "shards"), "--out", str(tmp_path)]) == 2
+    assert "known: resnet50" in capsys.readouterr().err
     assert main([*_args(synth / "shards", tmp_path / "x")[1:], "--folds", "7"]) == 2
+    assert "folds 0..2" in capsys.readouterr().err
     assert main([*_args(tmp_path, tmp_path / "y")[1:]]) == 2
+    assert "retina-shard pack" in capsys.readouterr().err
+    # an output folder holding a run with another config
+    from retina_train.config import resolve_config, to_dict
+
+    earlier = to_dict(resolve_config("tiny_resnet", overrides={"optim": {"lr": 0.5}}))
+    (tmp_path / "z" / "tiny_resnet").mkdir(parents=True)
+    (tmp_path / "z" / "tiny_resnet" / "config.json").write_text(json.dumps(earlier))
+    assert main([*_args(synth / "shards", tmp_path / "z")[1:]]) == 2
+    assert "different config (optim.lr: 0.5 -> 0.003)" in capsys.readouterr().err
