@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "shard": ("benchmarks.bench_shard", "packing vs. GNU tar cf (store) and a naive PIL loop (--resize)"),
     "loader": ("benchmarks.bench_loader", "DALI pipeline vs. torchvision ImageFolder + PIL (and the fallback)"),
     "train": ("benchmarks.bench_train", "per backbone: fed by DALI vs. batch on device; DeepSpeed vs. plain loop"),
+    "stack": ("benchmarks.bench_stack", "OOF table: polars vs pandas concat+pivot; meta-learner native vs MultiOutput"),
 }
 
 
