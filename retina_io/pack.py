@@ -129,11 +129,21 @@ def _validate(cfg: PackConfig) -> None:
 
 
 def _pool(workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes, started now by ``fork``: they inherit the imported modules, so they start in milliseconds.
+
+    ``spawn``/``forkserver`` would re-import the caller's main module (the console script, hence polars, sklearn and
+    the planner: about 2 s) in every worker. The workers run only :mod:`retina_io.pack_worker` (PIL, numpy, hashlib,
+    tarfile) and never polars; they are all started here, before this process runs any polars query.
+    """
     if workers <= 1:
         return None
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["retina_io.pack_worker"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    list(pool.map(_noop, range(workers)))  # start every worker now
+    return pool
+
+
+def _noop(x: int) -> int:
+    return x
 
 
 def _probe(
@@ -172,11 +182,24 @@ def _sample_json(row: dict, key: str, fold: int, plan, meta_cols: tuple[str, ...
     return json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+def _reject(source: str, row: int | None, id_: str | None, path: str | None, reason: str, detail: str) -> dict:
+    return {"source": source, "row": row, "id": id_, "path": path, "reason": reason, "detail": detail}
+
+
 def pack(cfg: PackConfig) -> PackResult:
     """Pack ``cfg.images`` + ``cfg.labels`` into ``cfg.out``; see the module docstring."""
     t0 = time.perf_counter()
     _validate(cfg)
     out = Path(cfg.out)
+    pool = _pool(cfg.workers or os.cpu_count() or 1)  # forked before any polars query runs here
+    try:
+        return _pack(cfg, out, pool, t0)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: float) -> PackResult:
     preset = get_preset(
         cfg.preset, id_column=cfg.id_column, label_columns=cfg.label_columns, path_column=cfg.path_column
     )
@@ -196,97 +219,55 @@ def pack(cfg: PackConfig) -> PackResult:
         if res is not None and res.claimed is not None:
             claimed.add(res.claimed)
         if row["reason"] is not None:
-            rejects.append(
-                {
-                    "source": "label_row",
-                    "row": row["row"],
-                    "id": row["id"],
-                    "path": row["relpath"],
-                    "reason": row["reason"],
-                    "detail": row["detail"],
-                }
-            )
+            rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], row["reason"], row["detail"]))
             continue
         if res.relpath is None:
-            rejects.append(
-                {
-                    "source": "label_row",
-                    "row": row["row"],
-                    "id": row["id"],
-                    "path": row["relpath"],
-                    "reason": res.reason,
-                    "detail": res.detail,
-                }
-            )
+            rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], res.reason, res.detail))
             continue
         row["relpath"] = res.relpath
         candidates.append(row)
     strays = [rel for rel in folder.files if rel not in claimed]
     for rel in strays:
-        rejects.append(
-            {
-                "source": "image_file",
-                "row": None,
-                "id": None,
-                "path": rel,
-                "reason": "no_label_row",
-                "detail": "no label row names this file",
-            }
+        rejects.append(_reject("image_file", None, None, rel, "no_label_row", "no label row names this file"))
+
+    probes = _probe(folder, [r["relpath"] for r in candidates], cfg, pool)
+    accepted: list[tuple[dict, ProbeResult]] = []
+    for row, pr in zip(candidates, probes, strict=True):
+        if pr.plan is None:
+            rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], pr.reason, pr.detail))
+        else:
+            accepted.append((row, pr))
+    if not accepted:
+        reasons = Counter(r["reason"] for r in rejects)
+        raise PackError(
+            f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
+            f"{len(strays)} unlabelled files; rejected: {dict(sorted(reasons.items()))}. "
+            f"Check --preset (now {cfg.preset!r}) and --images."
         )
 
-    workers = cfg.workers or os.cpu_count() or 1
-    pool = _pool(workers)
+    # Keys by id, folds, shuffled shards.
+    accepted.sort(key=lambda rp: rp[0]["id"])
+    n = len(accepted)
+    present = preset.classes_present
+    y = np.array([[row[c] or 0 for c in CLASSES] for row, _ in accepted], dtype=np.uint8)
+    groups = None
+    if any(row["group"] is not None for row, _ in accepted):
+        groups = np.array([row["group"] if row["group"] is not None else f"\0{row['id']}" for row, _ in accepted])
     try:
-        probes = _probe(folder, [r["relpath"] for r in candidates], cfg, pool)
-        accepted: list[tuple[dict, ProbeResult]] = []
-        for row, pr in zip(candidates, probes, strict=True):
-            if pr.plan is None:
-                rejects.append(
-                    {
-                        "source": "label_row",
-                        "row": row["row"],
-                        "id": row["id"],
-                        "path": row["relpath"],
-                        "reason": pr.reason,
-                        "detail": pr.detail,
-                    }
-                )
-            else:
-                accepted.append((row, pr))
-        if not accepted:
-            reasons = Counter(r["reason"] for r in rejects)
-            raise PackError(
-                f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
-                f"{len(strays)} unlabelled files; rejected: {dict(sorted(reasons.items()))}. "
-                f"Check --preset (now {cfg.preset!r}) and --images."
-            )
+        folds = assign_folds(y, k=cfg.folds, seed=cfg.seed, groups=groups)
+    except ValueError as exc:
+        raise PackError(f"fold assignment for {cfg.labels}: {exc}") from exc
+    order = shuffle_within_folds(folds, seed=cfg.seed)
+    keys = [f"{i:0{KEY_WIDTH}d}" for i in range(n)]
 
-        # Keys by id, folds, shuffled shards.
-        accepted.sort(key=lambda rp: rp[0]["id"])
-        n = len(accepted)
-        present = preset.classes_present
-        y = np.array([[row[c] or 0 for c in CLASSES] for row, _ in accepted], dtype=np.uint8)
-        groups = None
-        if any(row["group"] is not None for row, _ in accepted):
-            groups = np.array([row["group"] if row["group"] is not None else f"\0{row['id']}" for row, _ in accepted])
-        try:
-            folds = assign_folds(y, k=cfg.folds, seed=cfg.seed, groups=groups)
-        except ValueError as exc:
-            raise PackError(f"fold assignment for {cfg.labels}: {exc}") from exc
-        order = shuffle_within_folds(folds, seed=cfg.seed)
-        keys = [f"{i:0{KEY_WIDTH}d}" for i in range(n)]
+    shards: list[tuple[str, int, np.ndarray]] = []  # (relative tar path, fold, sample indices)
+    for fold, idx in enumerate(order):
+        for j, start in enumerate(range(0, len(idx), cfg.shard_samples)):
+            shards.append((f"fold{fold}/{j:06d}.tar", fold, idx[start : start + cfg.shard_samples]))
 
-        shards: list[tuple[str, int, np.ndarray]] = []  # (relative tar path, fold, sample indices)
-        for fold, idx in enumerate(order):
-            for j, start in enumerate(range(0, len(idx), cfg.shard_samples)):
-                shards.append((f"fold{fold}/{j:06d}.tar", fold, idx[start : start + cfg.shard_samples]))
-
-        tasks = _plan_tasks(cfg, folder, accepted, keys, folds, shards, table.metadata_columns, present)
-        _remove_stale(out, {s for s, _, _ in shards})
-        done, written = _write_shards(cfg, tasks, pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    tasks = _plan_tasks(cfg, folder, accepted, keys, folds, shards, table.metadata_columns, present)
+    _remove_stale(out, {s for s, _, _ in shards})
+    done, written = _write_shards(cfg, tasks, pool)
 
     missing = [s for s, _, _ in shards if s not in done]
     base = dict(

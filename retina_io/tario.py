@@ -52,7 +52,7 @@ class TarShardWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._raw = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._raw = open(self.path, "wb", buffering=4 << 20)  # noqa: SIM115 - closed in close(); large writes
         self._hw = _HashingWriter(self._raw)
         self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._lines: list[str] = []
