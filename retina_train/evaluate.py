@@ -1,0 +1,198 @@
+"""``retina-eval``: zero-shot evaluation of a trained run on an external packed dataset.
+
+Every fold model of every backbone predicts every sample (:mod:`retina_train.ensemble`; per backbone the mean of its
+k fold models), the saved meta-learner turns the ``MODEL__CLASS`` table into 11 probabilities, and the result is
+scored against the dataset's own labels through its preset's mapping — only on the classes the dataset labels
+(``classes_present``: RFMiD several, AIROGS only GC, the DR sets only DR), with bootstrap CIs — for each backbone,
+the plain mean of the backbones, and the meta-learner. Outputs: ``predictions.parquet``, ``scores.parquet``,
+``report.md`` with ROC and calibration plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from retina_io.dataset import PackedDataset
+from retina_train import metrics
+from retina_train.ensemble import predict_runs
+
+log = logging.getLogger(__name__)
+META_ROW = "meta-learner"
+MEAN_ROW = "mean of backbones"
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot be done as asked; the message names the input and the fix."""
+
+
+@dataclass
+class EvalConfig:
+    runs: Path
+    data: Path
+    out: Path
+    stack: Path | None = None  # default: runs/stack
+    device: str = "cpu"
+    backend: str = "dali"
+    batch_size: int = 64
+    bootstrap: int = 1000
+    seed: int = 0
+    num_threads: int = 2
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    classes: list[str]
+    scores: pl.DataFrame
+    predictions: pl.DataFrame
+    seconds: float
+
+    def macro(self, model: str = META_ROW, metric: str = "auc") -> float:
+        row = self.scores.filter(
+            (pl.col("model") == model) & (pl.col("class") == metrics.MACRO) & (pl.col("metric") == metric)
+        )
+        return float(row["value"].item())
+
+
+def evaluate_external(cfg: EvalConfig) -> EvalResult:
+    from retina_train.stack import StackError, load_meta_learner
+
+    t0 = time.perf_counter()
+    ds = PackedDataset.open(cfg.data)
+    stack_dir = Path(cfg.stack) if cfg.stack else Path(cfg.runs) / "stack"
+    try:
+        meta = load_meta_learner(stack_dir)
+    except (StackError, FileNotFoundError) as exc:
+        raise EvalError(
+            f"no usable meta-learner in {stack_dir} ({exc}); run `retina-stack --runs {cfg.runs}` first"
+        ) from exc
+    index = ds.index()
+    classes = [c for c in meta.classes if c in ds.classes_present]
+    scorable = [c for c in classes if 0 < int(index[c].fill_null(0).sum()) < index[c].drop_nulls().len()]
+    if not classes:
+        raise EvalError(f"{cfg.data} labels {list(ds.classes_present)}, the meta-learner predicts {meta.classes}: "
+                        "they share no class, so there is nothing to score")  # fmt: skip
+    skipped = sorted(set(classes) - set(scorable))
+    if skipped:
+        log.warning("classes %s have only one label value in %s: not scored", skipped, cfg.data)
+    if not scorable:
+        raise EvalError(f"{cfg.data}: every shared class ({classes}) has only positives or only negatives")
+
+    features = predict_runs(Path(cfg.runs), Path(cfg.data), device=cfg.device, batch_size=cfg.batch_size,
+                            backend=cfg.backend, num_threads=cfg.num_threads)  # fmt: skip
+    try:
+        meta_probs = meta.predict_proba(features)
+    except StackError as exc:
+        raise EvalError(f"the backbones under {cfg.runs} do not match the meta-learner in {stack_dir}: {exc}") from exc
+    joined = features.join(index.select("key", "id", *scorable), on="key", how="left")
+    if joined.height != index.height or joined["id"].null_count():
+        raise EvalError(f"predictions cover {joined.height} samples, {cfg.data} has {index.height}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = pl.DataFrame({"key": features["key"], "id": joined["id"],
+                                **{c: meta_probs[:, j] for j, c in enumerate(meta.classes)}})  # fmt: skip
+    predictions.write_parquet(out / "predictions.parquet")
+
+    # score only the rows with labels for all scored classes (a class is null where the dataset does not label it)
+    labelled = joined.select(scorable).to_numpy()
+    keep = ~np.isnan(labelled.astype(np.float64)).any(axis=1)
+    y = labelled[keep].astype(np.uint8)
+    models = sorted({c.rsplit("__", 1)[0] for c in meta.feature_columns})
+    rows: dict[str, metrics.Scored] = {}
+    per_backbone = []
+    for m in models:
+        p = joined.select([f"{m}__{c}" for c in scorable]).to_numpy()[keep]
+        per_backbone.append(p)
+        rows[m] = metrics.Scored(p, p >= 0.5, kind="backbone")
+    mean = np.mean(per_backbone, axis=0)
+    rows[MEAN_ROW] = metrics.Scored(mean, mean >= 0.5, kind="mean")
+    mp = meta_probs[:, [meta.classes.index(c) for c in scorable]][keep]
+    thresholds = np.array([meta.thresholds.get(c, 0.5) for c in scorable])
+    rows[META_ROW] = metrics.Scored(mp, mp >= thresholds, kind="meta")
+    scores = metrics.score_table(y, rows, scorable, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
+    scores.write_parquet(out / "scores.parquet")
+    _write_report(cfg, out, ds, scorable, skipped, y, {k: v.probs for k, v in rows.items()}, scores, stack_dir)
+    result = EvalResult(out, scorable, scores, predictions, time.perf_counter() - t0)
+    (out / "summary.json").write_text(json.dumps({
+        "data": str(cfg.data), "preset": ds.manifest["preset"], "classes": scorable, "samples": int(keep.sum()),
+        "macro_auc": {r: result.macro(r) for r in rows}, "seconds": round(result.seconds, 1),
+    }, indent=1))  # fmt: skip
+    return result
+
+
+def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir) -> None:
+    from retina_train.report import plot_calibration, plot_roc, scores_markdown
+
+    plot_roc(out / "roc.png", y, probs, classes, bold=META_ROW, dashed=MEAN_ROW)
+    plot_calibration(out / "calibration.png", y, {META_ROW: probs[META_ROW], MEAN_ROW: probs[MEAN_ROW]}, classes)
+    lines = [
+        f"# Zero-shot evaluation on `{Path(cfg.data).name}` ({ds.manifest['preset']} preset)",
+        "",
+        f"Run `{cfg.runs}`, meta-learner `{stack_dir}`. {len(y)} samples; scored classes (the dataset's labels mapped "
+        f"onto the 11 through its preset): {', '.join(classes)}."
+        + (f" Not scored (one label value only): {', '.join(skipped)}." if skipped else ""),
+        "Each backbone's probability is the mean of its fold models; the meta-learner is applied to all of them.",
+        "",
+        scores_markdown(scores, classes, meta_row=META_ROW),
+        "![ROC per class](roc.png)",
+        "",
+        "![Calibration / reliability](calibration.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="retina-eval", description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=Path, required=True, help="the run folder (runs/EXP) with trained backbones")
+    p.add_argument("--data", type=Path, required=True, help="an external packed dataset (retina-shard pack)")
+    p.add_argument("--out", type=Path, required=True, help="output folder, e.g. runs/EXP/eval/NAME")
+    p.add_argument("--stack", type=Path, default=None, help="the retina-stack output (default: RUNS/stack)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", default="dali", choices=("dali", "wds"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from retina_io.dataset import DatasetError
+    from retina_train.ensemble import EnsembleError
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = EvalConfig(
+        runs=args.runs,
+        data=args.data,
+        out=args.out,
+        stack=args.stack,
+        device=device,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
+    try:
+        result = evaluate_external(cfg)
+    except (EvalError, EnsembleError, DatasetError) as exc:
+        print(f"retina-eval: error: {exc}", file=sys.stderr)
+        return 2
+    print((result.out / "report.md").read_text().split("### AUC per class")[0])
+    print(
+        json.dumps(
+            {"external_macro_auc": result.macro(), "classes": result.classes, "report": str(result.out / "report.md")}
+        )
+    )
+    return 0

@@ -1,0 +1,124 @@
+"""retina-eval end to end: fold models of tiny backbones -> OOF -> retina-stack -> zero-shot on external layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from retina_io.dataset import PackedDataset
+from retina_io.loader import LoaderConfig, build_loader
+from retina_io.pack import PackConfig, pack
+from retina_train.backbones import create_backbone
+from retina_train.config import resolve_config, to_dict
+from retina_train.engine import predict
+from retina_train.evaluate import EvalConfig, EvalError, evaluate_external, main
+from retina_train.oof import write_oof
+
+BACKBONES = ("tiny_resnet", "tiny_vit")
+
+
+def _fake_training(runs: Path, data: Path) -> None:
+    """What training leaves behind, without the training: config, fold models and their real OOF predictions."""
+    from safetensors.torch import save_file
+
+    ds = PackedDataset.open(data)
+    for b, name in enumerate(BACKBONES):
+        cfg = resolve_config(name, overrides={"data": {"data": str(data), "image_size": 48}, "out": str(runs)})
+        model_dir = runs / name
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text(json.dumps(to_dict(cfg)))
+        for k in range(ds.k):
+            torch.manual_seed(100 * b + k)
+            model = create_backbone(name, image_size=48)
+            (model_dir / f"fold{k}").mkdir()
+            save_file(
+                {n: t.contiguous() for n, t in model.state_dict().items()},
+                str(model_dir / f"fold{k}" / "best.safetensors"),
+            )
+            loader = build_loader(LoaderConfig(data=data, folds=[k], mode="eval", image_size=48, batch_size=16,
+                                               num_threads=1))  # fmt: skip
+            keys, probs, _ = predict(model, loader, device=torch.device("cpu"))
+            write_oof(model_dir / f"fold{k}" / "oof-rank0.parquet", keys, probs, fold=k)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from retina_io.synth import generate_dataset
+    from retina_train.stack import StackConfig, run_stack
+
+    root = tmp_path_factory.mktemp("eval")
+    labels = generate_dataset(root / "synfundus", n=120, size=64, seed=5, workers=1, progress=False)
+    pack(PackConfig(images=root / "synfundus", labels=labels, preset="synfundus", out=root / "shards" / "synfundus",
+                    folds=3, workers=1, progress=False))  # fmt: skip
+    _fake_training(root / "runs", root / "shards" / "synfundus")
+    run_stack(StackConfig(runs=root / "runs", data=root / "shards" / "synfundus", out=root / "runs" / "stack",
+                          bootstrap=0, progress=False))  # fmt: skip
+    for layout, n in (("rfmid", 90), ("airogs", 60), ("aptos", 60)):
+        lab = generate_dataset(root / layout, n=n, size=64, seed=11, workers=1, layout=layout, progress=False)
+        images = lab.parent / {"rfmid": "images", "airogs": "images", "aptos": "train_images"}[layout]
+        pack(PackConfig(images=images, labels=lab, preset=layout, out=root / "shards" / layout, folds=2, workers=1,
+                        progress=False))  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize(("layout", "expected"), [("rfmid", None), ("airogs", ["GC"]), ("aptos", ["DR"])])
+def test_zero_shot_on_external_layouts(trained, layout, expected):
+    data = trained / "shards" / layout
+    out = trained / "runs" / "eval" / layout
+    result = evaluate_external(EvalConfig(runs=trained / "runs", data=data, out=out, bootstrap=20))
+    index = pl.read_parquet(data / "index.parquet")
+    present = PackedDataset.open(data).classes_present
+    if expected is None:  # RFMiD: the mapped classes that have both labels in this sample
+        expected = [c for c in present if 0 < index[c].sum() < index.height]
+        assert len(expected) >= 3
+    assert result.classes == expected
+    assert result.predictions.height == index.height
+    assert sorted(result.predictions["key"].to_list()) == sorted(index["key"].to_list())
+    rows = set(result.scores["model"].unique().to_list())
+    assert rows == {*BACKBONES, "mean of backbones", "meta-learner"}
+    assert set(result.scores["class"].unique().to_list()) == {*expected, "macro"}
+    for name in ("report.md", "roc.png", "calibration.png", "predictions.parquet", "scores.parquet", "summary.json"):
+        assert (out / name).is_file(), name
+    assert 0.0 <= result.macro() <= 1.0
+
+
+def test_errors_name_the_input(trained, tmp_path, capsys):
+    # a run whose backbones differ from the meta-learner's features
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained / "runs", runs)
+    shutil.rmtree(runs / "tiny_vit")
+    with pytest.raises(EvalError, match="do not match the meta-learner"):
+        evaluate_external(EvalConfig(runs=runs, data=trained / "shards" / "aptos", out=tmp_path / "o", bootstrap=0))
+    # no meta-learner yet
+    shutil.rmtree(runs / "stack")
+    with pytest.raises(EvalError, match="retina-stack"):
+        evaluate_external(EvalConfig(runs=runs, data=trained / "shards" / "aptos", out=tmp_path / "o", bootstrap=0))
+    # missing fold models
+    runs2 = tmp_path / "runs2"
+    shutil.copytree(trained / "runs", runs2)
+    for f in (runs2 / "tiny_vit").glob("fold*/best.safetensors"):
+        f.unlink()
+    assert main(["--runs", str(runs2), "--data", str(trained / "shards" / "aptos"), "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 2  # fmt: skip
+    assert "no fold models" in capsys.readouterr().err
+
+
+def test_dataset_sharing_no_class(trained, tmp_path, monkeypatch):
+    import retina_train.stack as stack
+
+    real = stack.load_meta_learner
+
+    def only_amd(path):
+        meta = real(path)
+        meta.classes = ["AMD"]
+        return meta
+
+    monkeypatch.setattr(stack, "load_meta_learner", only_amd)
+    with pytest.raises(EvalError, match="share no class"):
+        evaluate_external(EvalConfig(runs=trained / "runs", data=trained / "shards" / "aptos", out=tmp_path / "o"))
