@@ -52,7 +52,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "tiny_resnet": BackboneSpec("test_resnet", "resnet", 64, tiny=True),
     "tiny_efficientnet": BackboneSpec("test_efficientnet", "efficientnet", 64, tiny=True),
     "tiny_convnext": BackboneSpec("test_convnext2", "convnext", 64, tiny=True),
-    "tiny_vit": BackboneSpec("test_vit", "vit", 64, takes_img_size=True, tiny=True),
+    "tiny_vit": BackboneSpec("test_vit", "vit", 64, {"patch_size": 8}, takes_img_size=True, tiny=True),
     "tiny_swinv2": BackboneSpec("swinv2_tiny_window8_256", "swinv2", 64,
                                 {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 4},
                                 takes_img_size=True, tiny=True),
