@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from retina_io.dataset import PackedDataset
-from retina_io.loader import Batch, LoaderConfig, epoch_seed, epoch_shards, rank_range, steps_per_epoch
+from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -127,26 +126,17 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(tl.as_array()).to(device, non_blocking=True)
 
 
-class DaliLoader:
+class DaliLoader(EpochPlan):
     """See :mod:`retina_io.loader`."""
 
     def __init__(self, cfg: LoaderConfig):
-        self.cfg = cfg
-        self.dataset = PackedDataset.open(cfg.data)
-        self.shards = self.dataset.shards(cfg.folds)
-        self.total = sum(s.samples for s in self.shards)
-        start, end = rank_range(self.total, cfg.rank, cfg.world_size)
-        self.num_samples = end - start
-        self.steps_per_epoch = steps_per_epoch(self.total, cfg.batch_size, cfg.world_size)
-        self.device = torch.device(cfg.device)
+        super().__init__(cfg)
         self._pipe = None
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch``, from ``start_step`` on (earlier steps are replayed, not returned)."""
         cfg = self.cfg
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step must be in 0..{self.steps_per_epoch}; got {start_step}")
-        shards = epoch_shards(self.shards, cfg, epoch)
+        shards = self.epoch_shards(epoch, start_step)
         self._pipe = None  # free the previous epoch's pipeline before building the next
         pipe = build_pipeline(cfg, [str(s.tar) for s in shards], [str(s.idx) for s in shards], epoch=epoch)
         pipe.build()

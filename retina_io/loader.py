@@ -150,3 +150,27 @@ def epoch_shards(shards: list, cfg: LoaderConfig, epoch: int) -> list:
 
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(shards))
     return [shards[i] for i in order]
+
+
+class EpochPlan:
+    """What both backends share: the folds' shards, this rank's part, the batches per epoch, the epoch's shard order."""
+
+    def __init__(self, cfg: LoaderConfig):
+        import torch
+
+        from retina_io.dataset import PackedDataset
+
+        self.cfg = cfg
+        self.dataset = PackedDataset.open(cfg.data)
+        self.shards = self.dataset.shards(cfg.folds)
+        self.total = sum(s.samples for s in self.shards)
+        start, end = rank_range(self.total, cfg.rank, cfg.world_size)
+        self.num_samples = end - start
+        self.steps_per_epoch = steps_per_epoch(self.total, cfg.batch_size, cfg.world_size)
+        self.device = torch.device(cfg.device)
+
+    def epoch_shards(self, epoch: int, start_step: int) -> list:
+        """This epoch's shard order, after checking ``start_step``."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in 0..{self.steps_per_epoch}; got {start_step}")
+        return epoch_shards(self.shards, self.cfg, epoch)

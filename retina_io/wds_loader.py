@@ -18,8 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from retina_io.dataset import PackedDataset
-from retina_io.loader import Batch, LoaderConfig, epoch_seed, epoch_shards, rank_range, steps_per_epoch
+from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,24 +131,12 @@ def _buffer_shuffle(items: Iterator, buffer: int, rng: np.random.Generator) -> I
         yield buf.pop(int(rng.integers(len(buf))))
 
 
-class WdsLoader:
+class WdsLoader(EpochPlan):
     """See :mod:`retina_io.loader`."""
-
-    def __init__(self, cfg: LoaderConfig):
-        self.cfg = cfg
-        self.dataset = PackedDataset.open(cfg.data)
-        self.shards = self.dataset.shards(cfg.folds)
-        self.total = sum(s.samples for s in self.shards)
-        start, end = rank_range(self.total, cfg.rank, cfg.world_size)
-        self.num_samples = end - start
-        self.steps_per_epoch = steps_per_epoch(self.total, cfg.batch_size, cfg.world_size)
-        self.device = torch.device(cfg.device)
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         cfg = self.cfg
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step must be in 0..{self.steps_per_epoch}; got {start_step}")
-        shards = epoch_shards(self.shards, cfg, epoch)
+        shards = self.epoch_shards(epoch, start_step)
         stream = _EpochStream(cfg, shards, self.total, self.steps_per_epoch, epoch, start_step)
         workers = max(0, cfg.num_threads)
         loader = DataLoader(stream, batch_size=None, num_workers=workers,
