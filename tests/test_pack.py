@@ -25,6 +25,10 @@ from retina_io.verify import DatasetError, verify
 from tests.conftest import write_synfundus_folder
 
 
+def _pack_src(images: Path, labels: Path, **kw):
+    return pack(PackConfig(images=images, labels=labels, preset="synfundus", progress=False, **kw))
+
+
 def _pack(ds, out: Path, **kw):
     cfg = PackConfig(
         images=ds.images,
@@ -207,18 +211,7 @@ def test_verify_refuses_non_dataset(tmp_path):
 def test_multi_node_equals_single(tmp_path):
     images, labels = write_synfundus_folder(tmp_path / "src", 40)
     single = tmp_path / "single"
-    pack(
-        PackConfig(
-            images=images,
-            labels=labels,
-            preset="synfundus",
-            out=single,
-            folds=3,
-            shard_samples=4,
-            workers=1,
-            progress=False,
-        )
-    )
+    _pack_src(images, labels, out=single, folds=3, shard_samples=4, workers=1)
     multi = tmp_path / "multi"
     kw = dict(
         images=images,
@@ -247,18 +240,7 @@ def test_multi_node_equals_single(tmp_path):
 def test_resume_after_sigkill(tmp_path):
     images, labels = write_synfundus_folder(tmp_path / "src", 240, size=(96, 80))
     ref = tmp_path / "ref"
-    pack(
-        PackConfig(
-            images=images,
-            labels=labels,
-            preset="synfundus",
-            out=ref,
-            folds=3,
-            shard_samples=2,
-            workers=1,
-            progress=False,
-        )
-    )
+    _pack_src(images, labels, out=ref, folds=3, shard_samples=2, workers=1)
     out = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -292,18 +274,7 @@ def test_resume_after_sigkill(tmp_path):
     done_before = len(list((out / ".work").glob("*.json")))
     assert not (out / "manifest.json").exists(), "the run was killed before it finished (make the test data larger)"
     assert done_before >= 5
-    result = pack(
-        PackConfig(
-            images=images,
-            labels=labels,
-            preset="synfundus",
-            out=out,
-            folds=3,
-            shard_samples=2,
-            workers=2,
-            progress=False,
-        )
-    )
+    result = _pack_src(images, labels, out=out, folds=3, shard_samples=2, workers=2)
     assert result.complete and result.shards_written <= result.shards - done_before
     assert not list(out.rglob("*.tmp-*")), "no temporary file survives a completed run"
     for p in ref.rglob("*"):
@@ -314,19 +285,7 @@ def test_resume_after_sigkill(tmp_path):
 def test_resize_keeps_aspect_and_quality(tmp_path):
     images, labels = write_synfundus_folder(tmp_path / "src", 12, size=(160, 120))
     out = tmp_path / "small"
-    pack(
-        PackConfig(
-            images=images,
-            labels=labels,
-            preset="synfundus",
-            out=out,
-            folds=2,
-            resize=60,
-            quality=95,
-            workers=1,
-            progress=False,
-        )
-    )
+    _pack_src(images, labels, out=out, folds=2, resize=60, quality=95, workers=1)
     index = pl.read_parquet(out / "index.parquet")
     assert set(zip(index["width"].to_list(), index["height"].to_list(), strict=True)) == {(80, 60)}
     assert set(index["conversion"].to_list()) == {"resize=60"}
