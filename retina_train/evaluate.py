@@ -147,6 +147,13 @@ def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir) -
         "![Calibration / reliability](calibration.png)",
         "",
     ]
+    importance = Path(stack_dir) / "importance.png"
+    if importance.is_file():
+        import shutil
+
+        shutil.copyfile(importance, out / "importance.png")
+        lines += ["Per-disease importance of each backbone in the meta-learner (XGBoost gain summed per backbone):",
+                  "", "![Backbone importance per class](importance.png)", ""]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines))
 
 

@@ -81,7 +81,15 @@ def test_zero_shot_on_external_layouts(trained, layout, expected):
     rows = set(result.scores["model"].unique().to_list())
     assert rows == {*BACKBONES, "mean of backbones", "meta-learner"}
     assert set(result.scores["class"].unique().to_list()) == {*expected, "macro"}
-    for name in ("report.md", "roc.png", "calibration.png", "predictions.parquet", "scores.parquet", "summary.json"):
+    for name in (
+        "report.md",
+        "roc.png",
+        "calibration.png",
+        "importance.png",
+        "predictions.parquet",
+        "scores.parquet",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     assert 0.0 <= result.macro() <= 1.0
 
