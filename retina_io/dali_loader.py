@@ -73,20 +73,21 @@ def build_pipeline(cfg: LoaderConfig, tars: list[str], idxs: list[str], *, epoch
                 images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0)
             if aug.vflip > 0:
                 images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(probability=aug.vflip))
-            images = fn.color_twist(
-                images,
-                brightness=fn.random.uniform(range=[1 - aug.brightness, 1 + aug.brightness]),
-                contrast=fn.random.uniform(range=[1 - aug.contrast, 1 + aug.contrast]),
-                saturation=fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]),
-                hue=fn.random.uniform(range=[-aug.hue_degrees, aug.hue_degrees]),
-            )
+            if max(aug.brightness, aug.contrast, aug.saturation, aug.hue_degrees) > 0:
+                images = fn.color_twist(
+                    images,
+                    brightness=_uniform(fn, 1 - aug.brightness, 1 + aug.brightness),
+                    contrast=_uniform(fn, 1 - aug.contrast, 1 + aug.contrast),
+                    saturation=_uniform(fn, 1 - aug.saturation, 1 + aug.saturation),
+                    hue=_uniform(fn, -aug.hue_degrees, aug.hue_degrees),
+                )
             if aug.gamma is not None:
                 from nvidia.dali import math as dmath
 
-                gamma = fn.random.uniform(range=list(aug.gamma))
+                gamma = _uniform(fn, *aug.gamma)
                 images = dmath.pow(images / 255.0, gamma) * 255.0
             if aug.blur_probability > 0:
-                blurred = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(aug.blur_sigma)))
+                blurred = fn.gaussian_blur(images, sigma=_uniform(fn, *aug.blur_sigma))
                 pick = fn.cast(fn.random.coin_flip(probability=aug.blur_probability), dtype=types.FLOAT)
                 images = pick * blurred + (1.0 - pick) * images
             mirror = fn.random.coin_flip(probability=aug.hflip)
@@ -106,6 +107,11 @@ def build_pipeline(cfg: LoaderConfig, tars: list[str], idxs: list[str], *, epoch
         return images, labels
 
     return pipe()
+
+
+def _uniform(fn, lo: float, hi: float):
+    """A per-sample uniform draw in [lo, hi], or the constant when the range is empty (DALI refuses lo == hi)."""
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
 
 
 def _key_of(source_info: str) -> int:

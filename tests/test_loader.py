@@ -96,6 +96,18 @@ def test_resume_yields_exactly_the_remaining_batches(packed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentations_can_be_switched_off_or_on(packed, backend):
+    from retina_io.loader import AugmentConfig
+
+    off = AugmentConfig(random_area=(1.0, 1.0), random_aspect_ratio=(1.0, 1.0), hflip=0.0, rotate_degrees=0.0,
+                        brightness=0.0, contrast=0.0, saturation=0.0, hue_degrees=0.0)  # fmt: skip
+    on = AugmentConfig(vflip=0.5, gamma=(0.8, 1.25), blur_probability=0.5)
+    for aug in (off, on):
+        batch = next(iter(build_loader(_cfg(packed, backend, mode="train", augment=aug)).iter_epoch(0)))
+        assert batch.images.shape == (8, 3, 32, 32) and torch.isfinite(batch.images.float()).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_layout_and_dtype(packed, backend):
     loader = build_loader(_cfg(packed, backend, layout="NHWC", dtype="bfloat16", folds=(1,)))
     batch = next(iter(loader.iter_epoch(0)))
