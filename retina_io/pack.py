@@ -265,7 +265,7 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
         for j, start in enumerate(range(0, len(idx), cfg.shard_samples)):
             shards.append((f"fold{fold}/{j:06d}.tar", fold, idx[start : start + cfg.shard_samples]))
 
-    tasks = _plan_tasks(cfg, folder, accepted, keys, folds, shards, table.metadata_columns, present)
+    tasks = _plan_tasks(cfg, folder, accepted, keys, shards, table.metadata_columns, present)
     _remove_stale(out, {s for s, _, _ in shards})
     done, written = _write_shards(cfg, tasks, pool)
 
@@ -310,7 +310,7 @@ def _conversion_counts(accepted) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _plan_tasks(cfg, folder, accepted, keys, folds, shards, meta_cols, present):
+def _plan_tasks(cfg, folder, accepted, keys, shards, meta_cols, present):
     tasks = []
     for shard, fold, idx in shards:
         specs = []
