@@ -10,8 +10,6 @@ Also the DeepSpeed engine vs. a plain PyTorch loop (AdamW, same model, same batc
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -24,21 +22,9 @@ from retina_io.loader import LoaderConfig, build_loader
 from retina_train.backbones import BACKBONES, PAPER_BACKBONES, TINY_BACKBONES, create_backbone
 from retina_train.config import RunConfig
 from retina_train.ds_config import build_ds_config
+from retina_train.engine import init_distributed
 
 GOAL = 0.97
-
-
-def _init_single_process() -> None:
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _engine(name: str, *, batch: int, device: str, image_size: int):
@@ -125,7 +111,7 @@ def run(*, quick: bool = False, workers: int = 2, cache: Path | None = None, bac
     cache = cache or Path(tempfile.gettempdir()) / "retina-bench-cache"
     images, labels = ensure_images(cache, n=n)
     data = ensure_packed(cache, images, labels)
-    _init_single_process()
+    init_distributed(device)
     rows, ratios, extra = [], {}, {"device": device, "images": n, "source_px": 512}
     for name in names:
         size = BACKBONES[name].image_size

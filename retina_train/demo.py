@@ -54,18 +54,16 @@ class _Stages:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    import torch
-
     from retina_io.pack import PackConfig, pack
     from retina_io.synth import generate_dataset
     from retina_train.backbones import PAPER_BACKBONES, TINY_BACKBONES
     from retina_train.config import resolve_config
-    from retina_train.engine import run_folds
+    from retina_train.engine import resolve_device, run_folds
     from retina_train.evaluate import EvalConfig, evaluate_external
     from retina_train.stack import StackConfig, run_stack
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     backbones = TINY_BACKBONES if cfg.backbones == "tiny" else PAPER_BACKBONES
     out = Path(cfg.out)
     stage = _Stages(6)

@@ -174,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
     from retina_io.dataset import DatasetError
+    from retina_train.config import ConfigError
+    from retina_train.engine import resolve_device
     from retina_train.ensemble import EnsembleError
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:
+        print(f"retina-eval: error: {exc}", file=sys.stderr)
+        return 2
     cfg = EvalConfig(
         runs=args.runs,
         data=args.data,
