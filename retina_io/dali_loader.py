@@ -95,6 +95,8 @@ def build_pipeline(cfg: LoaderConfig, tars: list[str], idxs: list[str], *, epoch
             images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **decoder_kw)
             images = fn.resize(images, resize_shorter=size / cfg.eval_crop)
             mirror = 0
+        if cfg.local_contrast > 0:
+            images = _local_contrast(fn, images, cfg.local_contrast_sigma)
         images = fn.crop_mirror_normalize(
             images,
             crop=[size, size],
@@ -107,6 +109,15 @@ def build_pipeline(cfg: LoaderConfig, tars: list[str], idxs: list[str], *, epoch
         return images, labels
 
     return pipe()
+
+
+def _local_contrast(fn, images, sigma: float):
+    """Graham's local contrast normalisation on 0..255 images: clip(4 * (x - blur(x)) + 128, 0, 255), float."""
+    from nvidia.dali import math as dmath
+    from nvidia.dali import types
+
+    x = fn.cast(images, dtype=types.FLOAT)
+    return dmath.clamp(4.0 * (x - fn.gaussian_blur(x, sigma=sigma)) + 128.0, 0.0, 255.0)
 
 
 def _uniform(fn, lo: float, hi: float):

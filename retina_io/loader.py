@@ -72,6 +72,10 @@ class LoaderConfig:
     prefetch_queue_depth: int = 2  # batches prepared ahead (DALI pipeline queue; fallback: per worker)
     shuffle_buffer: int = 1024  # samples in the train-mode shuffle buffer (DALI initial_fill)
     eval_crop: float = 1.0  # eval: resize the short side to image_size / eval_crop, center-crop image_size
+    # Ben Graham's local contrast normalisation (Kaggle DR 2015), train and eval alike, before mean/std:
+    # x <- clip(4 * (x - GaussianBlur(x, sigma)) + 128, 0, 255) with sigma = local_contrast * image_size; 0: off.
+    # Flattens illumination and colour casts and lifts small lesions; a from-scratch model learns them sooner.
+    local_contrast: float = 0.0
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -88,10 +92,17 @@ class LoaderConfig:
             raise ValueError(f"backend must be 'dali' or 'wds'; got {self.backend!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}; got {self.rank}")
+        if not 0.0 <= self.local_contrast <= 0.5:
+            raise ValueError(f"local_contrast is sigma / image_size, in [0, 0.5] (0: off); got {self.local_contrast}")
         if self.batch_size < 1 or self.image_size < 8:
             raise ValueError(f"batch_size >= 1 and image_size >= 8 needed; got {self.batch_size}, {self.image_size}")
         self.data = Path(self.data)
         self.folds = tuple(int(f) for f in self.folds)
+
+    @property
+    def local_contrast_sigma(self) -> float:
+        """Gaussian sigma in output pixels for :attr:`local_contrast` (0.0: off)."""
+        return self.local_contrast * self.image_size
 
     @property
     def resolved_decode_device(self) -> str:

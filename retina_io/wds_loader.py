@@ -10,6 +10,7 @@ only its own batches. Augmentations are torchvision's, with the parameters of :c
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections.abc import Iterator
 
@@ -46,9 +47,25 @@ def build_transform(cfg: LoaderConfig):
             k = 2 * int(3 * aug.blur_sigma[1]) + 1
             steps.append(T.RandomApply([T.GaussianBlur(k, sigma=aug.blur_sigma)], p=aug.blur_probability))
     else:
-        steps += [T.Resize(round(size / cfg.eval_crop), antialias=True), T.CenterCrop(size)]
-    steps += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg.mean, cfg.std)]
+        steps.append(T.Resize(round(size / cfg.eval_crop), antialias=True))
+    steps += [T.PILToTensor(), T.ToDtype(torch.float32, scale=True)]
+    if cfg.local_contrast > 0:  # on the resized image, before the eval crop, like the DALI pipeline
+        sigma = cfg.local_contrast_sigma
+        steps.append(T.Lambda(lambda x: local_contrast(x, sigma)))
+    if cfg.mode != "train":
+        steps.append(T.CenterCrop(size))
+    steps.append(T.Normalize(cfg.mean, cfg.std))
     return T.Compose(steps)
+
+
+def local_contrast(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Graham's local contrast normalisation on a [0, 1] float image: clip(4 * (x - blur(x)) + 0.5, 0, 1).
+
+    The kernel is DALI's ``gaussian_blur`` default (2 * ceil(3 sigma) + 1 taps, mirrored borders)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    k = 2 * math.ceil(3 * sigma) + 1
+    return (4.0 * (x - TF.gaussian_blur(x, [k, k], [sigma, sigma])) + 0.5).clamp_(0.0, 1.0)
 
 
 class _EpochStream(IterableDataset):

@@ -42,6 +42,7 @@ class DataConfig:
     prefetch_queue_depth: int = 2
     shuffle_buffer: int = 1024
     channels_last: bool = True  # CNNs on a GPU
+    local_contrast: float = 0.0  # Graham's local contrast normalisation, sigma / image_size (0: off); see LoaderConfig
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -150,10 +150,14 @@ def _get(d: dict, dotted: str):
 
 
 # ----------------------------------------------------------------------------------------------- one fold
-def _loader(cfg: RunConfig, model, *, folds, mode: str, device: str, rank: int, world: int, seed: int):
+def loader_config(cfg: RunConfig, model, *, folds, mode: str, device: str, rank: int = 0, world: int = 1,
+                  seed: int = 0, **overrides) -> LoaderConfig:  # fmt: skip
+    """The loader settings of run ``cfg`` for ``model`` (its mean/std); ``overrides`` replace any field (e.g. the
+    ``data`` of an external dataset at evaluation). Training, validation and ensemble inference all come here, so
+    a model always sees its inputs prepared the same way."""
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     cnn = get_spec(cfg.model.backbone).family in CNN_FAMILIES
-    return build_loader(LoaderConfig(
+    kw = dict(
         data=Path(cfg.data.data), folds=folds, mode=mode, image_size=cfg.data.image_size,
         batch_size=cfg.data.batch_size, mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
@@ -161,7 +165,15 @@ def _loader(cfg: RunConfig, model, *, folds, mode: str, device: str, rank: int, 
         backend=cfg.data.backend, device=device if device == "cpu" else f"cuda:{torch.cuda.current_device()}",
         num_threads=cfg.data.num_threads, prefetch_queue_depth=cfg.data.prefetch_queue_depth,
         shuffle_buffer=cfg.data.shuffle_buffer, seed=seed, rank=rank, world_size=world, augment=cfg.data.augment,
-    ))  # fmt: skip
+        local_contrast=cfg.data.local_contrast,
+    )  # fmt: skip
+    kw.update(overrides)
+    return LoaderConfig(**kw)
+
+
+def _loader(cfg: RunConfig, model, *, folds, mode: str, device: str, rank: int, world: int, seed: int):
+    return build_loader(loader_config(cfg, model, folds=folds, mode=mode, device=device, rank=rank, world=world,
+                                      seed=seed))  # fmt: skip
 
 
 def _pos_weight(dataset: PackedDataset, folds: list[int]) -> torch.Tensor:

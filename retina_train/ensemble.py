@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from retina_io.dataset import PackedDataset
-from retina_io.loader import LoaderConfig, build_loader
+from retina_io.loader import build_loader
 from retina_io.pack import KEY_WIDTH
 from retina_io.schema import CLASSES
 from retina_train.backbones import create_backbone
 from retina_train.config import from_dict
-from retina_train.engine import predict
+from retina_train.engine import loader_config, predict
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,8 @@ def predict_backbone(model_dir: Path, data: Path, *, device: str = "cpu", batch_
         model = create_backbone(cfg.model.backbone, image_size=cfg.data.image_size)
         model.load_state_dict(load_file(str(f), device="cpu"))
         model.to(device)
-        pcfg = model.pretrained_cfg
-        loader = build_loader(LoaderConfig(
-            data=data, folds=range(ds.k), mode="eval", image_size=cfg.data.image_size, batch_size=batch_size,
-            mean=tuple(pcfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(pcfg.get("std", (0.229, 0.224, 0.225))),
-            backend=backend, device=device if device == "cpu" else f"cuda:{torch.cuda.current_device()}",
-            num_threads=num_threads,
-        ))  # fmt: skip
+        loader = build_loader(loader_config(cfg, model, folds=range(ds.k), mode="eval", device=device, data=Path(data),
+                                            batch_size=batch_size, backend=backend, num_threads=num_threads))  # fmt: skip
         keys, probs, _ = predict(model, loader, device=torch.device(device))
         order = np.argsort(keys)
         keys, probs = keys[order], probs[order]

@@ -75,6 +75,33 @@ def test_both_loaders_agree_in_eval(packed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_local_contrast_is_grahams_formula(packed, backend):
+    """local_contrast on == clip(4 * (x - blur(x)) + 0.5) of the plain eval image, then the same mean/std."""
+    from retina_io.wds_loader import local_contrast
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    plain = next(iter(build_loader(_cfg(packed, backend, folds=(0,))).iter_epoch(0)))
+    on = next(iter(build_loader(_cfg(packed, backend, folds=(0,), local_contrast=0.06)).iter_epoch(0)))
+    assert torch.equal(plain.keys, on.keys)
+    want = (local_contrast(plain.images * std + mean, 0.06 * 32) - mean) / std
+    r = 6  # the kernel radius, ceil(3 sigma): nearer the edge, the blur saw pixels the eval crop removed
+    assert (on.images - want)[..., r:-r, r:-r].abs().max() < 0.02
+    assert (on.images - plain.images).abs().mean() > 0.3, "it changes the picture"
+    # illumination is gone: the local mean of the corrected image is mid-grey wherever the field is smooth
+    assert abs(float((on.images * std + mean).mean()) - 0.5) < 0.1
+
+
+def test_local_contrast_both_backends_agree_and_bad_values_refused(packed):
+    dali = _epoch(build_loader(_cfg(packed, "dali", local_contrast=0.05)))
+    wds = _epoch(build_loader(_cfg(packed, "wds", local_contrast=0.05)))
+    assert dali[0] == wds[0]
+    real = [i for i, k in enumerate(dali[0]) if k >= 0]
+    assert np.abs(dali[2][real] - wds[2][real]).mean() < 0.15
+    with pytest.raises(ValueError, match="local_contrast"):
+        _cfg(packed, "dali", local_contrast=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_epoch_reshuffles_order_not_content(packed, backend):
     loader = build_loader(_cfg(packed, backend, mode="train", shuffle_buffer=16))
     k0 = [k for k in _epoch(loader, 0)[0] if k >= 0]
