@@ -7,6 +7,7 @@ resolve to the same config (up to the fields in :data:`VOLATILE`) or it is refus
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,50 @@ def _merge(obj: Any, updates: dict, where: str) -> None:
                 raise ConfigError(f"{where}: {key} must be a mapping")
             _merge(current, value, f"{where}.{key}")
         else:
-            if isinstance(current, tuple) and isinstance(value, list):
-                value = tuple(value)
-            setattr(obj, key, value)
+            setattr(obj, key, _coerce(value, typing.get_type_hints(type(obj))[key], f"{where}.{key}"))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field's type, or a ConfigError naming the key. Numbers written as strings are taken (YAML
+    reads ``1e-3`` as a string; ``--set optim.lr=1e-3`` must still mean 0.001); anything else of the wrong type is
+    refused here rather than failing deep inside training."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        items = typing.get_args(hint)
+        if len(items) == 2 and items[1] is Ellipsis:
+            items = (items[0],) * len(value)
+        if len(items) != len(value):
+            raise ConfigError(f"{where}: expected {len(items)} values, got {value!r}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, items, strict=True))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def load_yaml(path: Path) -> dict:

@@ -59,8 +59,9 @@ def predict_backbone(model_dir: Path, data: Path, *, device: str = "cpu", batch_
         model = create_backbone(cfg.model.backbone, image_size=cfg.data.image_size)
         model.load_state_dict(load_file(str(f), device="cpu"))
         model.to(device)
-        loader = build_loader(loader_config(cfg, model, folds=range(ds.k), mode="eval", device=device, data=Path(data),
-                                            batch_size=batch_size, backend=backend, num_threads=num_threads))  # fmt: skip
+        lcfg = loader_config(cfg, model, folds=range(ds.k), mode="eval", device=device, data=Path(data),
+                             batch_size=batch_size, backend=backend, num_threads=num_threads)  # fmt: skip
+        loader = build_loader(lcfg)
         keys, probs, _ = predict(model, loader, device=torch.device(device))
         order = np.argsort(keys)
         keys, probs = keys[order], probs[order]

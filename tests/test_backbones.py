@@ -132,6 +132,20 @@ def test_config_resolution_order(tmp_path):
     assert config_differences(a, c) == [], "running another fold subset is the same run"
 
 
+def test_config_values_take_the_field_type_or_are_refused():
+    # YAML reads 1e-3 as a string; `--set optim.lr=1e-3` must still be 0.001, and bad values named, not crash later
+    over = {"optim": {"lr": "1e-3", "betas": [0.9, "0.95"]}, "train": {"epochs": 2}}
+    cfg = resolve_config("tiny_vit", overrides=over)
+    assert cfg.optim.lr == 0.001 and cfg.optim.betas == (0.9, 0.95) and cfg.train.epochs == 2
+    assert resolve_config("tiny_vit", overrides={"data": {"augment": {"gamma": None}}}).data.augment.gamma is None
+    for bad, where in [({"optim": {"lr": "fast"}}, "optim.lr"), ({"train": {"epochs": 2.5}}, "train.epochs"),
+                       ({"optim": {"pos_weight": "yes"}}, "optim.pos_weight"),
+                       ({"data": {"augment": {"random_area": [0.5]}}}, "data.augment.random_area"),
+                       ({"model": {"pretrained": 3}}, "model.pretrained")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=where):
+            resolve_config("tiny_vit", overrides=bad)
+
+
 def test_deepspeed_config_precision():
     cfg = RunConfig()
     cpu = build_ds_config(cfg, world_size=2, total_steps=100, warmup_steps=10, device="cpu", precision="fp32")
