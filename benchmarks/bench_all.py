@@ -17,13 +17,13 @@ from benchmarks.common import BenchResult, Row, machine
 OUT = Path(os.environ.get("RETINA_BENCH_OUT", "bench-out"))
 
 
-def run(*, quick: bool = False, workers: int = 2) -> BenchResult:
+def run(*, quick: bool = False, workers: int = 2, backbones: str = "tiny") -> BenchResult:
     from benchmarks import bench_loader, bench_shard, bench_stack, bench_train
 
     results = {
         "shard": bench_shard.run(quick=quick, workers=workers),
         "loader": bench_loader.run(quick=quick, workers=workers),
-        "train": bench_train.run(quick=quick, workers=workers),
+        "train": bench_train.run(quick=quick, workers=workers, backbones=backbones),
         "stack": bench_stack.run(quick=quick, workers=workers),
     }
     loader_rows = {r.name: r.per_second for r in results["loader"].rows}
@@ -41,6 +41,13 @@ def run(*, quick: bool = False, workers: int = 2) -> BenchResult:
         ceiling, fed = tx[f"{b}_ceiling_images_per_s"], tx[f"{b}_fed_images_per_s"]
         lines.append(f"| {b} | {ceiling:,.0f} | {fed:,.0f} | {fed / ceiling:.2f} | {dali:,.0f} | {wds:,.0f} | "
                      f"{folder:,.0f} |")  # fmt: skip
+    sweep = tx.get("loader_settings_sweep")
+    if sweep:
+        lines += ["", f"Loader settings for the most loader-bound backbone ({sweep['backbone']}), fed img/s:", "",
+                  "| settings | fed img/s |", "| --- | ---: |"]  # fmt: skip
+        lines += [f"| {r['settings']} | {r['images_per_s']:,.0f} |" for r in sweep["runs"]]
+        best = {k: v for k, v in sweep["best"].items() if k != "images_per_s"}
+        lines += ["", "Best: " + ", ".join(f"`{k}={v}`" for k, v in best.items())]
     lines += ["", "| benchmark | ratio | goal | met |", "| --- | ---: | ---: | --- |"]
     for name, r in results.items():
         lines.append(f"| {name} | {r.ratio:.3f} | {r.goal} | {'yes' if r.ratio >= r.goal else 'no'} |")

@@ -1,7 +1,5 @@
-"""``retina-bench NAME [--quick]``: run one benchmark; prints a markdown table and, last, one JSON line.
-
-Benchmarks of later issues (loader, train, stack, all) register here as they are built.
-"""
+"""``retina-bench NAME [--quick] [--workers N] [--backbones tiny|paper]``: run one benchmark; prints a markdown table
+and, last, one JSON line."""
 
 from __future__ import annotations
 
@@ -29,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test; figures are noisier)")
     p.add_argument("--workers", type=int, default=2, help="worker processes for our side")
+    p.add_argument("--backbones", choices=("tiny", "paper"), default="tiny",
+                   help="train/all: the tiny stand-ins (CPU) or the paper's six at full size (GPU)")  # fmt: skip
     args = p.parse_args(argv)
     from benchmarks.common import emit
 
-    result = _load(args.name)(quick=args.quick, workers=args.workers)
+    kw = {"backbones": args.backbones} if args.name in ("train", "all") else {}
+    if args.backbones != "tiny" and not kw:
+        p.error(f"--backbones applies to 'train' and 'all', not {args.name!r}")
+    result = _load(args.name)(quick=args.quick, workers=args.workers, **kw)
     emit(result)
     return 0
 
