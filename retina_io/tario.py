@@ -38,6 +38,22 @@ class _HashingWriter:
         self.raw.flush()
 
 
+class _HashingReader:
+    """A read-only file wrapper that hashes what passes through (tarfile's stream mode reads strictly in order)."""
+
+    def __init__(self, raw, sha):
+        self.raw, self.sha = raw, sha
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha.update(data)
+        return data
+
+    def drain(self, chunk: int = 1 << 20) -> None:
+        while self.read(chunk):
+            pass
+
+
 @dataclass
 class ShardStats:
     samples: int
@@ -96,26 +112,34 @@ class TarSample:
     components: dict[str, bytes]  # extension -> bytes
 
 
-def iter_tar(path: Path) -> Iterator[tuple[TarSample, list[tuple[str, int, int]]]]:
-    """Read a shard back: samples in tar order (components grouped by key), with each member's (name, offset, size)."""
+def iter_tar(path: Path, *, sha=None) -> Iterator[tuple[TarSample, list[tuple[str, int, int]]]]:
+    """Read a shard back: samples in tar order (components grouped by key), with each member's (name, offset, size).
+
+    With ``sha`` (a ``hashlib`` object) every byte of the file goes through it on the same single pass, end-of-archive
+    blocks included once the iteration is done — a verifier reads each tar once, not once to hash and once to parse.
+    """
     current: TarSample | None = None
     members: list[tuple[str, int, int]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            data = tar.extractfile(info).read()
-            if current is not None and key != current.key:
-                yield current, members
-                current, members = None, []
-            if current is None:
-                current = TarSample(key, {})
-            current.components[ext] = data
-            members.append((info.name, info.offset_data, info.size))
-    if current is not None:
-        yield current, members
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw, sha) if sha is not None else None
+        with tarfile.open(fileobj=reader, mode="r|") if reader else tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                data = tar.extractfile(info).read()
+                if current is not None and key != current.key:
+                    yield current, members
+                    current, members = None, []
+                if current is None:
+                    current = TarSample(key, {})
+                current.components[ext] = data
+                members.append((info.name, info.offset_data, info.size))
+        if current is not None:
+            yield current, members
+        if reader is not None:
+            reader.drain()
 
 
 def idx_text(samples: list[list[tuple[str, int, int]]]) -> str:

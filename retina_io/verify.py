@@ -9,6 +9,7 @@ against their recorded sha256, and the manifest's counts against the index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +66,38 @@ def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None) -> None:
         raise DatasetError(f"{where} is missing")
     if tar.stat().st_size != entry["bytes"]:
         raise DatasetError(f"{where} has {tar.stat().st_size} bytes, manifest says {entry['bytes']}")
-    if sha256_file(tar) != entry["sha256"]:
-        raise DatasetError(f"{where} does not match its sha256 in manifest.json (corrupt or modified)")
     if rows is None:
         raise DatasetError(f"{where} has no rows in index.parquet")
+    sha = hashlib.sha256()
+    corrupt = DatasetError(f"{where} does not match its sha256 in manifest.json (corrupt or modified)")
+    try:
+        keys, members_all = _parse_shard(tar, where, entry, rows, sha)
+    except DatasetError as exc:  # a damaged tar fails to parse first; its checksum is the clearer report
+        if sha256_file(tar) != entry["sha256"]:  # the digest so far is partial: hash the file afresh
+            raise corrupt from exc
+        raise
+    if sha.hexdigest() != entry["sha256"]:
+        raise corrupt
+    expected_keys = rows["key"].to_list()
+    if len(keys) != entry["samples"] or len(keys) != len(expected_keys):
+        raise DatasetError(
+            f"{where} holds {len(keys)} samples; manifest says {entry['samples']}, index.parquet {len(expected_keys)}"
+        )
+    idx = folder / entry["index"]
+    if not idx.is_file():
+        raise DatasetError(f"{where}: its DALI index {idx} is missing")
+    if idx.read_text(encoding="ascii", errors="replace") != idx_text(members_all):
+        raise DatasetError(f"{where}: its DALI index {idx} does not match the tar")
+
+
+def _parse_shard(tar: Path, where: str, entry: dict, rows: pl.DataFrame, sha) -> tuple[list[str], list]:
+    """Every sample of ``tar`` against the index rows, hashing the file on the same pass."""
     expected_keys = rows["key"].to_list()
     expected_labels = rows.select(CLASSES).fill_null(0).to_numpy().astype(np.uint8)
     members_all = []
     keys = []
     try:
-        for i, (sample, members) in enumerate(iter_tar(tar)):
+        for i, (sample, members) in enumerate(iter_tar(tar, sha=sha)):
             comps = sample.components
             images = [e for e in ("jpg", "png") if e in comps]
             if len(images) != 1 or "json" not in comps or "labels" not in comps or len(comps) != 3:
@@ -104,12 +127,4 @@ def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None) -> None:
         raise
     except Exception as exc:
         raise DatasetError(f"{where} cannot be read as a tar ({exc})") from exc
-    if len(keys) != entry["samples"] or len(keys) != len(expected_keys):
-        raise DatasetError(
-            f"{where} holds {len(keys)} samples; manifest says {entry['samples']}, index.parquet {len(expected_keys)}"
-        )
-    idx = folder / entry["index"]
-    if not idx.is_file():
-        raise DatasetError(f"{where}: its DALI index {idx} is missing")
-    if idx.read_text(encoding="ascii", errors="replace") != idx_text(members_all):
-        raise DatasetError(f"{where}: its DALI index {idx} does not match the tar")
+    return keys, members_all

@@ -203,6 +203,28 @@ def test_verify_ok_and_names_bad_shard(packed, tmp_path):
     assert shard_main(["verify", str(copy), "--no-progress"]) != 0
 
 
+def test_verify_hashes_and_parses_in_one_pass(packed, tmp_path):
+    import hashlib
+    import shutil
+
+    from retina_io.tario import iter_tar, sha256_file
+
+    _, out, _ = packed
+    for tar in sorted(out.glob("fold*/*.tar")):
+        sha = hashlib.sha256()
+        n = sum(1 for _ in iter_tar(tar, sha=sha))
+        assert n > 0 and sha.hexdigest() == sha256_file(tar), tar
+    # a damaged header stops the parse part-way: still reported as the checksum mismatch it is
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = sorted(copy.glob("fold0/*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0xFF  # inside the first member's name
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"fold0/000000.tar does not match its sha256"):
+        verify(copy, progress=False)
+
+
 def test_verify_refuses_non_dataset(tmp_path):
     with pytest.raises(DatasetError, match="retina-shard pack"):
         verify(tmp_path, progress=False)
