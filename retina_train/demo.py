@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     out: Path = Path("demo-out")
     n: int = 1500  # training images
-    size: int = 96  # generated image size (px)
+    size: int = 0  # generated image size (px); 0: 96 for the tiny stand-ins, 512 (SynFundus-1M's) for the paper's
     image_size: int = 64  # backbone input for the tiny stand-ins
-    epochs: int = 3
+    epochs: int = 3  # tiny stand-ins; the paper's six train for their configs' epochs unless paper_epochs is set
+    paper_epochs: int = 0
     backbones: str = "tiny"  # "tiny" or "paper"
+    pretrained: str = ""  # paper backbones: "" (each config's: timm's ImageNet weights), "timm" or "none" (offline)
+    retfound_weights: Path | None = None  # paper backbones: a RETFound MAE checkpoint (.pth) for `retfound`
     device: str = "auto"
     n_external: int = 400
     external_layout: str = "rfmid"
@@ -65,13 +68,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     device = resolve_device(cfg.device)
     backbones = TINY_BACKBONES if cfg.backbones == "tiny" else PAPER_BACKBONES
+    size = cfg.size or (96 if cfg.backbones == "tiny" else 512)
     out = Path(cfg.out)
     stage = _Stages(6)
 
-    stage(f"generate {cfg.n} procedural fundus images ({cfg.size} px, SynFundus-1M layout)")
+    stage(f"generate {cfg.n} procedural fundus images ({size} px, SynFundus-1M layout)")
     labels = out / "synfundus" / "labels.csv"
     if not labels.is_file():
-        labels = generate_dataset(out / "synfundus", n=cfg.n, size=cfg.size, seed=cfg.seed)
+        labels = generate_dataset(out / "synfundus", n=cfg.n, size=size, seed=cfg.seed)
     stage(f"pack into {cfg.folds} multilabel-stratified folds")
     data = out / "shards" / "synfundus"
     if not (data / "manifest.json").is_file():
@@ -80,11 +84,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage(f"train {len(backbones)} backbones x {cfg.folds} folds with DeepSpeed on {device}: {', '.join(backbones)}")
     runs = out / "runs"
     for name in backbones:
-        overrides = {"data": {"data": str(data)}, "train": {"device": device, "seed": cfg.seed}, "out": str(runs)}
-        if cfg.backbones == "tiny":
-            overrides["data"]["image_size"] = cfg.image_size
-            overrides["train"]["epochs"] = cfg.epochs
-        summary = run_folds(resolve_config(name, overrides=overrides))
+        summary = run_folds(resolve_config(name, overrides=backbone_overrides(cfg, name, data=data, runs=runs,
+                                                                              device=device)))  # fmt: skip
         best = [v["best_macro_auc"] for v in summary["folds"].values()]
         print(f"  {name}: validation macro-AUC per fold {', '.join(f'{b:.3f}' for b in best)}", flush=True)
     stage("stack the out-of-fold probabilities with XGBoost (nested CV)")
@@ -93,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ext_dir = out / cfg.external_layout
     ext_labels = next(iter(ext_dir.glob("*.csv")), None) if ext_dir.is_dir() else None
     if ext_labels is None:
-        ext_labels = generate_dataset(ext_dir, n=cfg.n_external, size=cfg.size, seed=cfg.seed + 1000,
+        ext_labels = generate_dataset(ext_dir, n=cfg.n_external, size=size, seed=cfg.seed + 1000,
                                       layout=cfg.external_layout)  # fmt: skip
     ext_images = {"rfmid": "images", "airogs": "images", "aptos": "train_images", "eyepacs": "train",
                   "messidor2": "IMAGES"}[cfg.external_layout]  # fmt: skip
@@ -124,6 +125,28 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
 
 
+def backbone_overrides(cfg: DemoConfig, name: str, *, data: Path, runs: Path, device: str) -> dict:
+    """The demo's settings for one backbone's run, over its ``retina_train/configs/NAME.yaml``."""
+    o: dict = {"model": {}, "data": {"data": str(data)}, "train": {"device": device, "seed": cfg.seed},
+               "out": str(runs)}  # fmt: skip
+    if cfg.backbones == "tiny":
+        o["data"]["image_size"] = cfg.image_size
+        o["train"]["epochs"] = cfg.epochs
+        return o
+    if cfg.paper_epochs:
+        o["train"]["epochs"] = cfg.paper_epochs
+    if cfg.pretrained:
+        o["model"]["pretrained"] = "none" if name == "retfound" and cfg.pretrained == "timm" else cfg.pretrained
+    if name == "retfound" and cfg.retfound_weights is not None:
+        if not Path(cfg.retfound_weights).is_file():
+            raise FileNotFoundError(f"--retfound-weights {cfg.retfound_weights}: no such file")
+        o["model"]["pretrained_file"] = str(cfg.retfound_weights)
+    elif name == "retfound":
+        log.warning("retfound trains from random initialisation: RETFound's weights are not on the timm hub; "
+                    "pass --retfound-weights RETFound_cfp_weights.pth")  # fmt: skip
+    return o
+
+
 def _paper_table(stack, backbones) -> str:
     import polars as pl
 
@@ -145,16 +168,43 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="retina-demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DemoConfig.out)
     p.add_argument("--n", type=int, default=DemoConfig.n, help="training images to generate")
-    p.add_argument("--size", type=int, default=DemoConfig.size, help="generated image size in px")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=DemoConfig.size,
+        help="generated image size in px (default: 96 with tiny backbones, 512 with the paper's)",
+    )
     p.add_argument("--epochs", type=int, default=DemoConfig.epochs, help="epochs per fold (tiny backbones)")
     p.add_argument("--backbones", choices=("tiny", "paper"), default="tiny")
+    p.add_argument(
+        "--paper-epochs",
+        type=int,
+        default=0,
+        help="epochs per fold for the paper's backbones (default: their configs', 20)",
+    )
+    p.add_argument(
+        "--pretrained",
+        choices=("timm", "none"),
+        default="",
+        help="paper backbones: timm's ImageNet weights (the configs' default) or random init (offline)",
+    )
+    p.add_argument(
+        "--retfound-weights",
+        type=Path,
+        default=None,
+        help="paper backbones: RETFound's MAE checkpoint (e.g. RETFound_cfp_weights.pth) for `retfound`",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--n-external", type=int, default=DemoConfig.n_external)
     p.add_argument("--bootstrap", type=int, default=DemoConfig.bootstrap)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.backbones == "tiny" and (args.pretrained or args.retfound_weights or args.paper_epochs):
+        p.error("--pretrained, --retfound-weights and --paper-epochs apply to --backbones paper")
     cfg = DemoConfig(out=args.out, n=args.n, size=args.size, epochs=args.epochs, backbones=args.backbones,
-                     device=args.device, n_external=args.n_external, bootstrap=args.bootstrap)  # fmt: skip
+                     device=args.device, n_external=args.n_external, bootstrap=args.bootstrap,
+                     paper_epochs=args.paper_epochs, pretrained=args.pretrained,
+                     retfound_weights=args.retfound_weights)  # fmt: skip
     result = run_demo(cfg)
     print(json.dumps(result))
     return 0

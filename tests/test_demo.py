@@ -27,3 +27,27 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert (out / "runs" / "eval" / "rfmid" / "report.md").is_file()
     for name in ("tiny_resnet", "tiny_efficientnet", "tiny_convnext", "tiny_vit", "tiny_swinv2", "tiny_retfound"):
         assert len(list((out / "runs" / name).glob("fold*/oof-rank*.parquet"))) == 5
+
+
+def test_paper_mode_overrides(tmp_path):
+    """--backbones paper: each config's own recipe, with the demo's data and device; weights as the user chose."""
+    from retina_train.config import resolve_config
+    from retina_train.demo import DemoConfig, backbone_overrides
+
+    weights = tmp_path / "RETFound_cfp_weights.pth"
+    weights.write_bytes(b"x")
+    cfg = DemoConfig(backbones="paper", pretrained="none", retfound_weights=weights, paper_epochs=2)
+    kw = dict(data=tmp_path / "shards", runs=tmp_path / "runs", device="cpu")
+    resnet = resolve_config("resnet50", overrides=backbone_overrides(cfg, "resnet50", **kw))
+    assert resnet.data.image_size == 224 and resnet.train.epochs == 2 and resnet.model.pretrained == "none"
+    assert resnet.data.data == str(tmp_path / "shards") and resnet.out == str(tmp_path / "runs")
+    retfound = resolve_config("retfound", overrides=backbone_overrides(cfg, "retfound", **kw))
+    assert retfound.model.pretrained_file == str(weights) and retfound.model.layer_decay == 0.65
+    timm_cfg = DemoConfig(backbones="paper", pretrained="timm")
+    assert backbone_overrides(timm_cfg, "retfound", **kw)["model"]["pretrained"] == "none", "not on the timm hub"
+    tiny = resolve_config("tiny_vit", overrides=backbone_overrides(DemoConfig(), "tiny_vit", **kw))
+    assert tiny.data.image_size == 64 and tiny.train.epochs == 3
+    with pytest.raises(FileNotFoundError, match="retfound-weights"):
+        backbone_overrides(DemoConfig(backbones="paper", retfound_weights=tmp_path / "missing.pth"), "retfound", **kw)
+    with pytest.raises(SystemExit):
+        main(["--pretrained", "none"])  # paper-only options refused with the tiny backbones
