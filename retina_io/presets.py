@@ -12,6 +12,7 @@ raises :class:`PresetError` naming the missing columns.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,8 @@ class Preset:
     metadata: tuple[str, ...] = ()
     path_column: str | None = None
     class_map: dict[str, tuple] = field(default_factory=dict)  # class -> rule; CLASS_MAPS[name] for named presets
+    # The same dataset published with other column names: column -> alternatives, used when the column is absent.
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def classes_present(self) -> tuple[str, ...]:
@@ -187,6 +190,9 @@ PRESETS: dict[str, Preset] = {
         class_map=CLASS_MAPS["messidor2"],
         id_column="id_code",
         required=("id_code", "diagnosis", "adjudicated_dme", "adjudicated_gradable"),
+        # Kaggle's preprocessed copy names them id_code/diagnosis; Google's adjudicated grades (Krause et al. 2018,
+        # kaggle.com/datasets/google-brain/messidor2-dr-grades) image_id/adjudicated_dr_grade.
+        aliases={"id_code": ("image_id",), "diagnosis": ("adjudicated_dr_grade",)},
         file_name=lambda i: i,
         int_columns={"diagnosis": (0, 4), "adjudicated_dme": (0, 1), "adjudicated_gradable": (0, 1)},
         metadata=("diagnosis", "adjudicated_dme", "adjudicated_gradable"),
@@ -332,6 +338,28 @@ def _unsafe_problem(name: pl.Expr) -> pl.Expr:
     return pl.when(bad).then(pl.format("path {} would read outside --images", name))
 
 
+def with_columns_of(preset: Preset, columns: Sequence[str]) -> Preset:
+    """``preset`` speaking the table's own column names where the table uses one of its aliases (so messages and
+    metadata name the columns the user's file has)."""
+    sub = {c: next(a for a in alts if a in columns) for c, alts in preset.aliases.items()
+           if c not in columns and any(a in columns for a in alts)}  # fmt: skip
+    if not sub:
+        return preset
+
+    def n(c: str) -> str:
+        return sub.get(c, c)
+
+    def rule(r: tuple) -> tuple:
+        return (r[0], [n(c) for c in r[1]]) if r[0] == "any" else (r[0], n(r[1]), *r[2:])
+
+    return dataclasses.replace(
+        preset, id_column=n(preset.id_column), required=tuple(n(c) for c in preset.required),
+        int_columns={n(c): v for c, v in preset.int_columns.items()},
+        string_columns={n(c): v for c, v in preset.string_columns.items()},
+        metadata=tuple(n(c) for c in preset.metadata), class_map={k: rule(r) for k, r in preset.class_map.items()},
+    )  # fmt: skip
+
+
 def read_labels(
     path: Path,
     preset: Preset,
@@ -340,12 +368,14 @@ def read_labels(
 ) -> LabelTable:
     """Read and validate a label table for ``preset``; see :class:`LabelTable`."""
     df = read_table(path)
+    preset = with_columns_of(preset, df.columns)
     needed = list(preset.required) + ([group_column] if group_column else [])
     missing = [c for c in needed if c not in df.columns]
     if missing:
         found = ", ".join(df.columns[:30]) + (" …" if len(df.columns) > 30 else "")
+        shown = [c + (f" (or {' / '.join(preset.aliases[c])})" if c in preset.aliases else "") for c in missing]
         raise PresetError(
-            f"labels file {path} does not fit preset {preset.name!r}: missing column(s) {', '.join(missing)} "
+            f"labels file {path} does not fit preset {preset.name!r}: missing column(s) {', '.join(shown)} "
             f"(found: {found}). Choose the preset that matches the table, or --preset generic with --id-column and "
             "--label-columns."
         )

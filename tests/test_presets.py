@@ -110,6 +110,29 @@ def test_aptos_and_messidor2(tmp_path):
     assert rejects["reason"].to_list() == ["bad_label"], "an ungradable image without a grade is rejected"
 
 
+def test_messidor2_as_google_published_it(tmp_path):
+    """kaggle.com/datasets/google-brain/messidor2-dr-grades: image_id, adjudicated_dr_grade, adjudicated_dme,
+    adjudicated_gradable; ungradable images have no grade (rejected, the message naming the user's column)."""
+    rows = []
+    for i in range(6):
+        name = f"IM{i:06d}.JPG" if i % 2 else f"20051020_{i:05d}_0100_PP.png"
+        (_jpg if i % 2 else _png)(tmp_path / "IMAGES" / name, 20 + i)
+        rows.append([name, "" if i == 5 else i % 5, "" if i == 5 else int(i == 3), int(i != 5)])
+    header = ["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"]
+    labels = _write_csv(tmp_path / "messidor_data.csv", header, rows)
+    index, rejects = _pack(tmp_path, tmp_path / "IMAGES", labels, "messidor2")
+    index = index.sort("id")
+    assert index["id"].to_list() == sorted(r[0] for r in rows[:5])
+    by_id = {r[0]: r for r in rows}
+    assert index["DR"].to_list() == [int(by_id[i][1] > 0) for i in index["id"]]
+    assert index["DME"].to_list() == [by_id[i][2] for i in index["id"]]
+    assert index["adjudicated_dr_grade"].to_list() == [by_id[i][1] for i in index["id"]]
+    assert rejects["reason"].to_list() == ["bad_label"]
+    assert "adjudicated_dr_grade=<empty>" in rejects["detail"][0]
+    with pytest.raises(PresetError, match=r"id_code \(or image_id\)"):
+        read_labels(_write_csv(tmp_path / "wrong.csv", ["name", "grade"], [["a.png", 1]]), get_preset("messidor2"))
+
+
 def test_eyepacs_groups_patients_into_one_fold(tmp_path):
     rows = []
     for p in range(20):
