@@ -244,8 +244,19 @@ def get_preset(
     return PRESETS[name]
 
 
+def _separator(path: Path, default: str) -> str:
+    """The header line's separator: ``default`` unless the header has none of it but has ``;`` or a tab (tables
+    saved by spreadsheets in locales where the comma is the decimal mark)."""
+    with open(path, "rb") as f:
+        header = f.readline(1 << 16).decode("utf-8", errors="replace")
+    if default in header:
+        return default
+    return next((c for c in (";", "\t", ",", "|") if c in header), default)
+
+
 def read_table(path: Path) -> pl.DataFrame:
-    """Read a label table (CSV, TSV or parquet, chosen by extension) with every column as a string."""
+    """Read a label table (CSV, TSV or parquet, chosen by extension) with every column as a string. A ``.csv``
+    whose header has no comma but semicolons or tabs is read with those."""
     path = Path(path)
     if not path.is_file():
         raise PresetError(f"labels file {path} does not exist or is not a file")
@@ -257,7 +268,7 @@ def read_table(path: Path) -> pl.DataFrame:
         elif suffix in (".csv", ".tsv", ".txt"):
             df = pl.read_csv(
                 path,
-                separator="\t" if suffix == ".tsv" else ",",
+                separator=_separator(path, "\t" if suffix == ".tsv" else ","),
                 infer_schema=False,
                 encoding="utf8-lossy",
                 truncate_ragged_lines=True,

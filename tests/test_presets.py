@@ -201,6 +201,19 @@ def test_wrong_preset_names_missing_columns(tmp_path):
         read_labels(tmp_path / "nope.csv", get_preset("aptos"))
 
 
+def test_semicolon_csv_from_a_spreadsheet(tmp_path):
+    (tmp_path / "train_images").mkdir()
+    rows = []
+    for i in range(4):
+        code = f"{i:012x}"
+        _png(tmp_path / "train_images" / f"{code}.png", 30 + i)
+        rows.append(f"{code};{i % 3}")
+    labels = tmp_path / "train.csv"
+    labels.write_text("id_code;diagnosis\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    index, _ = _pack(tmp_path, tmp_path / "train_images", labels, "aptos")
+    assert index.sort("id")["diagnosis"].to_list() == [0, 1, 2, 0]
+
+
 def test_header_bom_and_whitespace_values(tmp_path):
     path = tmp_path / "t.csv"
     path.write_bytes("\ufeffid_code , diagnosis\n abc , 2 \n".encode())
