@@ -222,6 +222,10 @@ def train_fold(cfg: RunConfig, dataset: PackedDataset, *, fold: int, fold_dir: P
     if cfg.train.compile and device == "cuda":
         engine.compile()
     pos_weight = _pos_weight(dataset, train_folds).to(engine.device) if cfg.optim.pos_weight else None
+    # Classes the dataset does not label are unknown, not negative (their label bytes are 0): out of the loss.
+    known = torch.tensor([c in dataset.classes_present for c in CLASSES], dtype=torch.float32, device=engine.device)
+    if not known.any():
+        raise ConfigError(f"{cfg.data.data} labels none of the classes; nothing to train")
 
     ckpt_dir = fold_dir / "checkpoints"
     state = {"epoch": 0, "step": 0, "best_auc": -1.0, "history": []}
@@ -246,8 +250,9 @@ def train_fold(cfg: RunConfig, dataset: PackedDataset, *, fold: int, fold_dir: P
             wait += time.perf_counter() - t_fetch
             mask = (batch.keys >= 0).to(torch.float32)
             logits = engine(batch.images)
-            per_sample = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, pos_weight=pos_weight,
-                                                            reduction="none").mean(1)  # fmt: skip
+            bce = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, pos_weight=pos_weight,
+                                                     reduction="none")  # fmt: skip
+            per_sample = bce.mean(1) if bool(known.all()) else (bce * known).sum(1) / known.sum()
             loss = (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
             engine.backward(loss)
             engine.step()

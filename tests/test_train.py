@@ -157,6 +157,36 @@ def test_two_nodes_on_loopback(synth, tmp_path):
     check_fold_oof(fold_dir, index.filter(pl.col("fold") == 2)["key"].to_list())
 
 
+def test_classes_the_dataset_does_not_label_stay_out_of_the_loss(tmp_path):
+    """APTOS labels DR only: the other 10 classes are unknown, so their head gets no gradient (bias exactly as
+    initialised; Adam moves nothing without a gradient and biases have no weight decay), while DR's learns."""
+    import torch
+    from safetensors.torch import load_file
+
+    from retina_io.synth import generate_dataset
+    from retina_train.backbones import create_backbone
+    from retina_train.config import resolve_config
+    from retina_train.engine import run_folds
+
+    lab = generate_dataset(tmp_path / "aptos", n=48, size=64, seed=7, workers=1, layout="aptos", progress=False)
+    data = tmp_path / "shards"
+    pack(PackConfig(images=lab.parent / "train_images", labels=lab, preset="aptos", out=data, folds=2, workers=1,
+                    progress=False))  # fmt: skip
+    cfg = resolve_config("tiny_resnet", overrides={"data": {"data": str(data), "batch_size": 8},
+                                                   "train": {"device": "cpu", "epochs": 1, "folds": "0", "seed": 0},
+                                                   "out": str(tmp_path / "runs")})  # fmt: skip
+    run_folds(cfg)
+    torch.manual_seed(0)  # train_fold seeds with train.seed + fold before building the model
+    initial = create_backbone("tiny_resnet", image_size=64).get_classifier().bias.detach()
+    trained = create_backbone("tiny_resnet", image_size=64)
+    trained.load_state_dict(load_file(str(tmp_path / "runs" / "tiny_resnet" / "fold0" / "best.safetensors")))
+    bias = trained.get_classifier().bias.detach()
+    dr = CLASSES.index("DR")
+    others = [i for i in range(len(CLASSES)) if i != dr]
+    assert torch.equal(bias[others], initial[others])
+    assert bias[dr] != initial[dr]
+
+
 def test_clear_errors(synth, tmp_path, capsys):
     from retina_train.run import main
 
