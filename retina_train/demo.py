@@ -112,6 +112,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"\nexternal ({cfg.external_layout}, classes {', '.join(ev.classes)}): macro-AUC meta-learner "
           f"{ev.macro():.3f}, mean of backbones {ev.macro('mean of backbones'):.3f}")  # fmt: skip
     print(f"reports: {runs / 'stack' / 'report.md'} and {ev.out / 'report.md'}")
+    for folder in (runs / "stack", ev.out):
+        plots = sorted(p.name for p in folder.glob("*.png"))
+        if plots:
+            print(f"plots in {folder}: {', '.join(plots)}")
     return {
         "ensemble_macro_auc": round(stack.macro("meta-learner"), 4),
         "best_single_macro_auc": round(max(singles.values()), 4),
