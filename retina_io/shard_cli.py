@@ -46,6 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="re-read every shard against the manifest")
     vf.add_argument("folder", type=Path)
     vf.add_argument("--no-progress", action="store_true")
+    pv = sub.add_parser("preview", help="draw one loader batch (what the model sees) into a PNG",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    pv.add_argument("folder", type=Path, help="a packed dataset")
+    pv.add_argument("--out", type=Path, default=Path("batch-preview.png"))
+    pv.add_argument("--mode", choices=("train", "eval"), default="train", help="train: with the augmentations")
+    pv.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="a trained backbone's folder (runs/EXP/MODEL): its image size, augmentations, local contrast",
+    )
+    pv.add_argument("--image-size", type=int, default=None, help="default: the run's, else 224")
+    pv.add_argument("--n", type=int, default=16, help="images in the sheet")
+    pv.add_argument("--folds", default=None, help="e.g. 0,1 (default: all)")
+    pv.add_argument(
+        "--local-contrast",
+        type=float,
+        default=None,
+        help="Graham's sigma / image size, 0: off (default: the run's, else 0)",
+    )
+    pv.add_argument("--backend", choices=("dali", "wds"), default="dali")
+    pv.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -74,6 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "preview":
+            from retina_io.loader import AugmentConfig
+            from retina_io.preview import write_batch_preview
+
+            folds = tuple(int(f) for f in args.folds.split(",")) if args.folds else None
+            data_cfg: dict = {}
+            if args.run is not None:
+                cfg_file = args.run / "config.json"
+                if not cfg_file.is_file():
+                    raise FileNotFoundError(f"--run {args.run}: no config.json (a runs/EXP/MODEL folder has one)")
+                data_cfg = json.loads(cfg_file.read_text())["data"]
+            augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in data_cfg.get("augment", {}).items()})  # fmt: skip
+            path = write_batch_preview(
+                args.folder, args.out, mode=args.mode, n=args.n, folds=folds, backend=args.backend, seed=args.seed,
+                image_size=args.image_size or data_cfg.get("image_size") or 224, augment=augment,
+                local_contrast=args.local_contrast if args.local_contrast is not None
+                else data_cfg.get("local_contrast", 0.0),
+            )  # fmt: skip
+            print(f"wrote {path}")
+            return 0
         if args.command == "verify":
             rep = verify(args.folder, progress=not args.no_progress)
             print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")

@@ -1687,7 +1687,7 @@ def generate_dataset(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def caption_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # pragma: no cover - very old Pillow / no FreeType
@@ -1714,7 +1714,7 @@ def write_preview(path: Path, *, size: int, seed: int, n_examples: int = 4) -> P
         else:
             rows.append((f"{c} - {CLASS_DESCRIPTIONS[c]}", [{**b, c: 1} for b in base]))
     title_h = max(14, size // 10)
-    font = _font(max(10, title_h * 3 // 4))
+    font = caption_font(max(10, title_h * 3 // 4))
     sheet = Image.new("RGB", (n_examples * size, len(rows) * (size + title_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for r, (title, labs) in enumerate(rows):

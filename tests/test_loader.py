@@ -207,3 +207,23 @@ def test_clear_errors(packed, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match="shard format v2"):
         build_loader(_cfg(copy, "dali"))
+
+
+def test_batch_preview_draws_what_the_loader_yields(packed, tmp_path):
+    from PIL import Image
+
+    from retina_io.preview import write_batch_preview
+    from retina_io.shard_cli import main as shard_main
+
+    out = write_batch_preview(packed, tmp_path / "b.png", mode="eval", image_size=32, n=4, folds=(0,))
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    tile, text_h = 96, 12  # tiles are at least 96 px, captions 96 // 9 -> 12 px
+    assert sheet.shape == (text_h + 2 * (tile + 2 * text_h), 2 * tile, 3)
+    batch = next(iter(build_loader(_cfg(packed, "dali", folds=(0,), batch_size=4, mean=(0.0,) * 3,
+                                        std=(1.0,) * 3)).iter_epoch(0)))  # fmt: skip
+    first = (batch.images[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    drawn = sheet[text_h : text_h + tile : 3, 0:tile:3]  # nearest-neighbour x3 back to 32 px
+    assert np.abs(drawn.astype(int) - first.astype(int)).max() <= 1
+    assert shard_main(["preview", str(packed), "--out", str(tmp_path / "c.png"), "--n", "2", "--image-size", "32",
+                       "--local-contrast", "0.05", "--backend", "wds"]) == 0  # fmt: skip
+    assert (tmp_path / "c.png").is_file()
