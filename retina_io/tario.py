@@ -122,7 +122,7 @@ def iter_tar(path: Path, *, sha=None) -> Iterator[tuple[TarSample, list[tuple[st
     members: list[tuple[str, int, int]] = []
     with open(path, "rb") as raw:
         reader = _HashingReader(raw, sha) if sha is not None else None
-        with tarfile.open(fileobj=reader, mode="r|") if reader else tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(fileobj=reader or raw, mode="r|" if reader else "r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
