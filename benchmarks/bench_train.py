@@ -9,6 +9,7 @@ Also the DeepSpeed engine vs. a plain PyTorch loop (AdamW, same model, same batc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -101,6 +102,16 @@ def _sweep(engine, data: Path, *, size: int, batch: int, device: str, quick: boo
     return rows, best
 
 
+def _loader_only(loader, device: str) -> float:
+    it = loader.iter_epoch(0)
+    next(it)  # warm-up (pipeline build, first decode)
+    n, t0 = 0, time.perf_counter()
+    for b in it:
+        n += len(b.keys)
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
 def _plain(name: str, *, batch: int, size: int, device: str, steps: int) -> float:
     model = create_backbone(name, image_size=size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -147,9 +158,15 @@ def run(*, quick: bool = False, workers: int = 2, cache: Path | None = None, bac
         batch = 32 if device == "cpu" else 128
         engine = _engine(name, batch=batch, device=device, image_size=size)
         pcfg = engine.module.pretrained_cfg
-        loader = build_loader(LoaderConfig(data=data, folds=range(5), mode="train", image_size=size, batch_size=batch,
-                                           mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]), num_threads=workers,
-                                           device=device if device == "cpu" else "cuda:0"))  # fmt: skip
+        lcfg = LoaderConfig(data=data, folds=range(5), mode="train", image_size=size, batch_size=batch,
+                            mean=tuple(pcfg["mean"]), std=tuple(pcfg["std"]), num_threads=workers,
+                            device=device if device == "cpu" else "cuda:0")  # fmt: skip
+        loader = build_loader(lcfg)
+        # each loader alone at this backbone's input size (no model): what it could feed
+        for backend in ("dali", "wds"):
+            only = _loader_only(build_loader(dataclasses.replace(lcfg, backend=backend)), device)
+            rows.append(Row(f"{name} @ {size}px: {backend} loader only", n / only, n))
+            extra[f"{name}_{backend}_loader_images_per_s"] = round(only, 1)
         ceiling = _ceiling(engine, batch=batch, size=size, device=device, steps=steps)
         fed = _fed(engine, loader, device)
         ratios[name] = fed / ceiling
