@@ -138,10 +138,11 @@ def test_config_values_take_the_field_type_or_are_refused():
     cfg = resolve_config("tiny_vit", overrides=over)
     assert cfg.optim.lr == 0.001 and cfg.optim.betas == (0.9, 0.95) and cfg.train.epochs == 2
     assert resolve_config("tiny_vit", overrides={"data": {"augment": {"gamma": None}}}).data.augment.gamma is None
+    assert resolve_config("tiny_vit", overrides={"train": {"folds": 0}}).train.folds == "0"  # --set train.folds=0
     for bad, where in [({"optim": {"lr": "fast"}}, "optim.lr"), ({"train": {"epochs": 2.5}}, "train.epochs"),
                        ({"optim": {"pos_weight": "yes"}}, "optim.pos_weight"),
                        ({"data": {"augment": {"random_area": [0.5]}}}, "data.augment.random_area"),
-                       ({"model": {"pretrained": 3}}, "model.pretrained")]:  # fmt: skip
+                       ({"model": {"pretrained": ["timm"]}}, "model.pretrained")]:  # fmt: skip
         with pytest.raises(ConfigError, match=where):
             resolve_config("tiny_vit", overrides=bad)
 
