@@ -188,6 +188,13 @@ def from_dict(d: dict) -> RunConfig:
     return cfg
 
 
+def _with_defaults(d: dict) -> dict:
+    try:
+        return to_dict(from_dict(d))
+    except ConfigError:  # keys this version does not know (a newer run): compare as written
+        return d
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -200,6 +207,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(a: dict, b: dict) -> list[str]:
-    """Keys (dotted) whose values differ between two resolved configs, ignoring :data:`VOLATILE` fields."""
-    fa, fb = _flatten(a), _flatten(b)
+    """Keys (dotted) whose values differ between two resolved configs, ignoring :data:`VOLATILE` fields.
+
+    A key one side lacks counts as its default: a run written before an option existed ran as that option's default
+    (new options default to the old behaviour), so upgrading does not stop it from resuming."""
+    fa, fb = _flatten(_with_defaults(a)), _flatten(_with_defaults(b))
     return sorted(k for k in set(fa) | set(fb) if k not in VOLATILE and fa.get(k) != fb.get(k))

@@ -130,6 +130,11 @@ def test_config_resolution_order(tmp_path):
     assert config_differences(a, b) == ["optim.lr"]
     c = to_dict(resolve_config("tiny_vit", overrides={"train": {"folds": "0"}}))
     assert config_differences(a, c) == [], "running another fold subset is the same run"
+    old = to_dict(resolve_config("tiny_vit"))
+    del old["data"]["local_contrast"]  # a run written before the option existed (its default is the old behaviour)
+    plain = to_dict(resolve_config("tiny_vit", overrides={"data": {"local_contrast": 0.0}}))
+    assert config_differences(old, plain) == []
+    assert config_differences(old, a) == ["data.local_contrast"], "the tiny config's own value still differs"
 
 
 def test_config_values_take_the_field_type_or_are_refused():
