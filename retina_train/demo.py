@@ -70,6 +70,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     backbones = TINY_BACKBONES if cfg.backbones == "tiny" else PAPER_BACKBONES
     size = cfg.size or (96 if cfg.backbones == "tiny" else 512)
     out = Path(cfg.out)
+    _claim_out(out, {"n": cfg.n, "size": size, "seed": cfg.seed, "folds": cfg.folds, "n_external": cfg.n_external,
+                     "external_layout": cfg.external_layout})  # fmt: skip
     stage = _Stages(6)
 
     stage(f"generate {cfg.n} procedural fundus images ({size} px, SynFundus-1M layout)")
@@ -127,6 +129,25 @@ def run_demo(cfg: DemoConfig) -> dict:
         "seconds": round(stage.seconds, 1),
         "report": str(runs / "stack" / "report.md"),
     }
+
+
+class DemoError(ValueError):
+    """An --out folder that holds a demo made with other settings."""
+
+
+def _claim_out(out: Path, data_settings: dict) -> None:
+    """A rerun into ``out`` reuses its data, shards and finished folds, so it must ask for the same data; otherwise
+    it is refused naming what differs (training settings are checked by the engine, per backbone)."""
+    record = out / "demo.json"
+    if record.is_file():
+        before = json.loads(record.read_text())
+        diff = [f"{k}: {before.get(k)} -> {v}" for k, v in data_settings.items() if before.get(k) != v]
+        if diff:
+            raise DemoError(f"{out} holds a demo made with other data settings ({'; '.join(diff)}); use another "
+                            "--out, or delete it to start over")  # fmt: skip
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(data_settings, indent=1) + "\n")
 
 
 def backbone_overrides(cfg: DemoConfig, name: str, *, data: Path, runs: Path, device: str) -> dict:
@@ -211,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                      device=args.device, n_external=args.n_external, bootstrap=args.bootstrap,
                      paper_epochs=args.paper_epochs, pretrained=args.pretrained,
                      retfound_weights=args.retfound_weights)  # fmt: skip
-    result = run_demo(cfg)
+    try:
+        result = run_demo(cfg)
+    except DemoError as exc:
+        print(f"retina-demo: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from retina_train.demo import main
+from retina_train.demo import DemoConfig, main
 
 
 @pytest.mark.slow
@@ -51,3 +51,17 @@ def test_paper_mode_overrides(tmp_path):
         backbone_overrides(DemoConfig(backbones="paper", retfound_weights=tmp_path / "missing.pth"), "retfound", **kw)
     with pytest.raises(SystemExit):
         main(["--pretrained", "none"])  # paper-only options refused with the tiny backbones
+
+
+def test_rerun_into_a_demo_with_other_data_settings_is_refused(tmp_path, capsys):
+    from retina_train.demo import DemoError, run_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text('{"n": 1500, "size": 96, "seed": 0, "folds": 5, "n_external": 400, '
+                                   '"external_layout": "rfmid"}')  # fmt: skip
+    with pytest.raises(DemoError, match=r"n: 1500 -> 300"):
+        run_demo(DemoConfig(out=out, n=300, device="cpu"))
+    assert main(["--out", str(out), "--n", "300", "--device", "cpu"]) == 2
+    assert "other data settings" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json"], "nothing generated over the old demo"
