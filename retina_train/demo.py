@@ -70,6 +70,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     backbones = TINY_BACKBONES if cfg.backbones == "tiny" else PAPER_BACKBONES
     size = cfg.size or (96 if cfg.backbones == "tiny" else 512)
     out = Path(cfg.out)
+    if cfg.retfound_weights is not None and not Path(cfg.retfound_weights).is_file():  # before hours of training
+        raise DemoError(f"--retfound-weights {cfg.retfound_weights}: no such file")
+    if cfg.backbones == "paper" and cfg.retfound_weights is None:
+        log.warning("retfound will train from random initialisation: RETFound's weights are not on the timm hub; "
+                    "pass --retfound-weights RETFound_cfp_weights.pth")  # fmt: skip
     _claim_out(out, {"n": cfg.n, "size": size, "seed": cfg.seed, "folds": cfg.folds, "n_external": cfg.n_external,
                      "external_layout": cfg.external_layout})  # fmt: skip
     stage = _Stages(6)
@@ -132,7 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 class DemoError(ValueError):
-    """An --out folder that holds a demo made with other settings."""
+    """Settings the demo refuses before any work: a missing weights file, an --out made with other data."""
 
 
 def _claim_out(out: Path, data_settings: dict) -> None:
@@ -163,12 +168,7 @@ def backbone_overrides(cfg: DemoConfig, name: str, *, data: Path, runs: Path, de
     if cfg.pretrained:
         o["model"]["pretrained"] = "none" if name == "retfound" and cfg.pretrained == "timm" else cfg.pretrained
     if name == "retfound" and cfg.retfound_weights is not None:
-        if not Path(cfg.retfound_weights).is_file():
-            raise FileNotFoundError(f"--retfound-weights {cfg.retfound_weights}: no such file")
         o["model"]["pretrained_file"] = str(cfg.retfound_weights)
-    elif name == "retfound":
-        log.warning("retfound trains from random initialisation: RETFound's weights are not on the timm hub; "
-                    "pass --retfound-weights RETFound_cfp_weights.pth")  # fmt: skip
     return o
 
 

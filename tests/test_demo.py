@@ -47,8 +47,11 @@ def test_paper_mode_overrides(tmp_path):
     assert backbone_overrides(timm_cfg, "retfound", **kw)["model"]["pretrained"] == "none", "not on the timm hub"
     tiny = resolve_config("tiny_vit", overrides=backbone_overrides(DemoConfig(), "tiny_vit", **kw))
     assert tiny.data.image_size == 64 and tiny.train.epochs == 3
-    with pytest.raises(FileNotFoundError, match="retfound-weights"):
-        backbone_overrides(DemoConfig(backbones="paper", retfound_weights=tmp_path / "missing.pth"), "retfound", **kw)
+    from retina_train.demo import DemoError, run_demo
+
+    with pytest.raises(DemoError, match="retfound-weights .*missing.pth: no such file"):
+        run_demo(DemoConfig(backbones="paper", retfound_weights=tmp_path / "missing.pth", out=tmp_path / "d"))
+    assert not (tmp_path / "d").exists(), "refused before any work"
     with pytest.raises(SystemExit):
         main(["--pretrained", "none"])  # paper-only options refused with the tiny backbones
 
