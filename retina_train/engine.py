@@ -226,6 +226,7 @@ def train_fold(cfg: RunConfig, dataset: PackedDataset, *, fold: int, fold_dir: P
     known = torch.tensor([c in dataset.classes_present for c in CLASSES], dtype=torch.float32, device=engine.device)
     if not known.any():
         raise ConfigError(f"{cfg.data.data} labels none of the classes; nothing to train")
+    all_known = bool(known.all())  # once, not per step (on a GPU, bool() of a tensor waits for the device)
 
     ckpt_dir = fold_dir / "checkpoints"
     state = {"epoch": 0, "step": 0, "best_auc": -1.0, "history": []}
@@ -252,7 +253,7 @@ def train_fold(cfg: RunConfig, dataset: PackedDataset, *, fold: int, fold_dir: P
             logits = engine(batch.images)
             bce = F.binary_cross_entropy_with_logits(logits.float(), batch.labels, pos_weight=pos_weight,
                                                      reduction="none")  # fmt: skip
-            per_sample = bce.mean(1) if bool(known.all()) else (bce * known).sum(1) / known.sum()
+            per_sample = bce.mean(1) if all_known else (bce * known).sum(1) / known.sum()
             loss = (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
             engine.backward(loss)
             engine.step()
