@@ -11,15 +11,14 @@
 
 ``--quick``: 100,000 samples. The OOF files are generated once into the cache folder. ``--workers`` sets XGBoost's
 threads (polars uses its own pool, all cores). XGBoost's OpenMP threads sleep at barriers instead of spinning
-(``OMP_WAIT_POLICY=PASSIVE`` unless already set, as ``retina-stack`` does): on a busy shared machine spinning threads
-made the native fit up to 6x slower and the timings meaningless.
+(``OMP_WAIT_POLICY=PASSIVE`` unless already set, as every console script does: :mod:`retina_io.cli`): on a busy
+shared machine spinning threads made the native fit up to 6x slower and the timings meaningless.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -30,8 +29,6 @@ import polars as pl
 
 from benchmarks.common import BenchResult, Row, best_of, warm_cache
 from retina_io.schema import CLASSES
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when xgboost loads its OpenMP runtime
 
 TABLE_GOAL = 5.0
 META_GOAL = 1.2

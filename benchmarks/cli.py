@@ -23,6 +23,12 @@ def _load(name: str) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retina_io.cli import console_main
+
+    return console_main("retina-bench", _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="retina-bench", description="retina throughput benchmarks")
     p.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test; figures are noisier)")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed
+from retina_io.schema import parse_key
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _uniform(fn, lo: float, hi: float):
 def _key_of(source_info: str) -> int:
     # "<tar path>:<offset>:<KEY>.labels" -> KEY (the tar path may itself contain ':'; the member name is last)
     member = source_info.rsplit(":", 1)[-1]
-    return int(member.split(".", 1)[0])
+    return parse_key(member.split(".", 1)[0])
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:

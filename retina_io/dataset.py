@@ -14,13 +14,14 @@ from pathlib import Path
 
 import polars as pl
 
+from retina_io.errors import RetinaError
 from retina_io.schema import CLASSES
 
 FORMAT_NAME = "retina-shards"
 FORMAT_VERSION = 1
 
 
-class DatasetError(RuntimeError):
+class DatasetError(RetinaError, RuntimeError):
     """A folder that is not a readable shard-format-v1 dataset, or one that fails verification."""
 
 

@@ -35,15 +35,16 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from retina_io.dataset import FORMAT_NAME, FORMAT_VERSION
+from retina_io.errors import RetinaError
 from retina_io.folds import assign_folds, shuffle_within_folds
+from retina_io.fsutil import TMP_MARK, write_atomic
 from retina_io.pack_worker import ProbeResult, SampleSpec, ShardTask, marker_path, probe_chunk, write_shard
 from retina_io.presets import LabelTable, get_preset, read_labels
-from retina_io.schema import CLASSES, NUM_CLASSES
+from retina_io.schema import CLASSES, encode_labels, format_keys
 from retina_io.sources import ImageFolder
 
 log = logging.getLogger(__name__)
 
-KEY_WIDTH = 9  # keys are zero-padded decimal ranks: fixed width, no dots, sortable, parseable as int64
 PROBE_CHUNK = 256
 REJECT_SCHEMA = {
     "source": pl.String,
@@ -55,7 +56,7 @@ REJECT_SCHEMA = {
 }
 
 
-class PackError(RuntimeError):
+class PackError(RetinaError, RuntimeError):
     """Packing cannot go on; the message names the input and what to do."""
 
 
@@ -258,7 +259,7 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
     except ValueError as exc:
         raise PackError(f"fold assignment for {cfg.labels}: {exc}") from exc
     order = shuffle_within_folds(folds, seed=cfg.seed)
-    keys = [f"{i:0{KEY_WIDTH}d}" for i in range(n)]
+    keys = format_keys(range(n))
 
     shards: list[tuple[str, int, np.ndarray]] = []  # (relative tar path, fold, sample indices)
     for fold, idx in enumerate(order):
@@ -316,8 +317,7 @@ def _plan_tasks(cfg, folder, accepted, keys, shards, meta_cols, present):
         specs = []
         for i in idx:
             row, pr = accepted[i]
-            labels = bytes(int(row[c] or 0) for c in CLASSES)
-            assert len(labels) == NUM_CLASSES
+            labels = encode_labels([int(row[c] or 0) for c in CLASSES])
             meta = _sample_json(row, keys[i], fold, pr.plan, meta_cols, present)
             specs.append(SampleSpec(keys[i], row["relpath"], pr.plan, labels, meta))
         h = hashlib.sha256()
@@ -334,7 +334,7 @@ def _plan_tasks(cfg, folder, accepted, keys, shards, meta_cols, present):
                 resize=cfg.resize,
                 quality=cfg.quality,
                 plan_hash=h.hexdigest(),
-                tmp_suffix=f".tmp-node{cfg.node_rank}",
+                tmp_suffix=f"node{cfg.node_rank}",
             )
         )
     return tasks
@@ -364,7 +364,7 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
             continue
         for p in sorted(d.iterdir()):
             rel = f"{d.name}/{p.name}"
-            if ".tmp-" in p.name:
+            if TMP_MARK in p.name:
                 continue  # may belong to another node still writing; replaced when that shard is rewritten
             if p.suffix in (".tar", ".idx") and f"{d.name}/{p.stem}.tar" not in planned:
                 log.warning("removing %s: not part of this pack's plan (left from an earlier pack)", rel)
@@ -397,12 +397,6 @@ def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[s
         if task.shard not in done and (marker := _read_marker(out, task)) is not None:
             done[task.shard] = marker
     return done, len(todo)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _parquet_bytes(df: pl.DataFrame) -> bytes:
@@ -509,7 +503,7 @@ def _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, reje
             for s, f, _ in shards
         ],
     }
-    _write_atomic(out / "index.parquet", index_bytes)
-    _write_atomic(out / "rejects.parquet", rej_bytes)
-    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(out / "index.parquet", index_bytes)
+    write_atomic(out / "rejects.parquet", rej_bytes)
+    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     return manifest

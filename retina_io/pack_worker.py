@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from retina_io.fsutil import tmp_path, write_atomic
 from retina_io.imaging import ImagePlan, ImageRejected, plan_image, prepare_image
 from retina_io.tario import TarShardWriter
 
@@ -77,8 +78,7 @@ def write_shard(task: ShardTask) -> dict:
     tar_path = Path(task.out) / task.shard
     idx_path = tar_path.with_suffix(".idx")
     tar_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tar = tar_path.with_name(tar_path.name + task.tmp_suffix)
-    tmp_idx = idx_path.with_name(idx_path.name + task.tmp_suffix)
+    tmp_tar = tmp_path(tar_path, task.tmp_suffix)
     writer = TarShardWriter(tmp_tar)
     stored = []
     try:
@@ -98,8 +98,7 @@ def write_shard(task: ShardTask) -> dict:
     except BaseException:
         writer.abort()
         raise
-    tmp_idx.write_text(stats.idx, encoding="ascii")
-    os.replace(tmp_idx, idx_path)
+    write_atomic(idx_path, stats.idx, suffix=task.tmp_suffix)
     os.replace(tmp_tar, tar_path)
     marker = {
         "shard": task.shard,
@@ -109,9 +108,5 @@ def write_shard(task: ShardTask) -> dict:
         "sha256": stats.sha256,
         "stored": stored,
     }
-    mpath = marker_path(task.out, task.shard)
-    mpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_marker = mpath.with_name(mpath.name + task.tmp_suffix)
-    tmp_marker.write_text(json.dumps(marker, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp_marker, mpath)
+    write_atomic(marker_path(task.out, task.shard), json.dumps(marker, separators=(",", ":")), suffix=task.tmp_suffix)
     return marker

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
+from retina_io.errors import RetinaError
 from retina_io.schema import CLASSES
 
 # Columns every index/label table reserves for itself; metadata columns with these names get a preset prefix.
@@ -100,7 +101,7 @@ CLASS_MAPS: dict[str, dict[str, tuple]] = {
 }
 
 
-class PresetError(ValueError):
+class PresetError(RetinaError, ValueError):
     """A label table that does not fit the chosen preset (or a preset that does not exist)."""
 
 

@@ -15,8 +15,7 @@ from PIL import Image, ImageDraw
 
 from retina_io.dataset import PackedDataset
 from retina_io.loader import AugmentConfig, LoaderConfig, build_loader
-from retina_io.pack import KEY_WIDTH
-from retina_io.schema import CLASSES
+from retina_io.schema import CLASSES, format_key
 from retina_io.synth import caption_font
 
 
@@ -45,7 +44,7 @@ def write_batch_preview(
     captions = []
     for key, labels in zip(batch.keys.tolist(), batch.labels.numpy(), strict=True):
         found = [c for c, v in zip(CLASSES, labels, strict=True) if v > 0.5]
-        captions.append((f"{key:0{KEY_WIDTH}d}" if key >= 0 else "(padding)", ", ".join(found) or "no finding"))
+        captions.append((format_key(key) if key >= 0 else "(padding)", ", ".join(found) or "no finding"))
     cols = min(len(pixels), max(1, math.ceil(math.sqrt(len(pixels)))))
     rows = math.ceil(len(pixels) / cols)
     tile = max(image_size, 96)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from retina_io.pack import PackConfig, PackError, PackResult, pack
-from retina_io.presets import PRESET_NAMES, PresetError
+from retina_io.cli import console_main, setup_logging
+from retina_io.pack import PackConfig, PackResult, pack
+from retina_io.presets import PRESET_NAMES
 from retina_io.verify import DatasetError, verify
 
 
@@ -93,59 +93,59 @@ def format_summary(r: PackResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "preview":
-            from retina_io.loader import AugmentConfig
-            from retina_io.preview import write_batch_preview
+    return console_main("retina-shard", _run, argv)
 
-            folds = tuple(int(f) for f in args.folds.split(",")) if args.folds else None
-            data_cfg: dict = {}
-            if args.run is not None:
-                cfg_file = args.run / "config.json"
-                if not cfg_file.is_file():
-                    raise FileNotFoundError(f"--run {args.run}: no config.json (a runs/EXP/MODEL folder has one)")
-                data_cfg = json.loads(cfg_file.read_text())["data"]
-            augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in data_cfg.get("augment", {}).items()})  # fmt: skip
-            path = write_batch_preview(
-                args.folder, args.out, mode=args.mode, n=args.n, folds=folds, backend=args.backend, seed=args.seed,
-                image_size=args.image_size or data_cfg.get("image_size") or 224, augment=augment,
-                local_contrast=args.local_contrast if args.local_contrast is not None
-                else data_cfg.get("local_contrast", 0.0),
-            )  # fmt: skip
-            print(f"wrote {path}")
-            return 0
-        if args.command == "verify":
-            rep = verify(args.folder, progress=not args.no_progress)
-            print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")
-            return 0
-        cfg = PackConfig(
-            images=args.images,
-            labels=args.labels,
-            preset=args.preset,
-            out=args.out,
-            folds=args.folds,
-            seed=args.seed,
-            workers=args.workers,
-            shard_samples=args.shard_samples,
-            resize=args.resize,
-            quality=args.quality,
-            group_column=args.group_column,
-            strict=args.strict,
-            check=args.check,
-            id_column=args.id_column,
-            label_columns=tuple(c for c in args.label_columns.split(",") if c),
-            path_column=args.path_column,
-            num_nodes=args.num_nodes,
-            node_rank=args.node_rank,
-            progress=not args.no_progress,
-        )
-        result = pack(cfg)
-    except (PackError, PresetError, DatasetError, FileNotFoundError) as exc:
-        print(f"retina-shard: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging()
+    if args.command == "preview":
+        from retina_io.loader import AugmentConfig
+        from retina_io.preview import write_batch_preview
+
+        folds = tuple(int(f) for f in args.folds.split(",")) if args.folds else None
+        data_cfg: dict = {}
+        if args.run is not None:
+            cfg_file = args.run / "config.json"
+            if not cfg_file.is_file():
+                raise DatasetError(f"--run {args.run}: no config.json (a runs/EXP/MODEL folder has one)")
+            data_cfg = json.loads(cfg_file.read_text())["data"]
+        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in data_cfg.get("augment", {}).items()})  # fmt: skip
+        path = write_batch_preview(
+            args.folder, args.out, mode=args.mode, n=args.n, folds=folds, backend=args.backend, seed=args.seed,
+            image_size=args.image_size or data_cfg.get("image_size") or 224, augment=augment,
+            local_contrast=args.local_contrast if args.local_contrast is not None
+            else data_cfg.get("local_contrast", 0.0),
+        )  # fmt: skip
+        print(f"wrote {path}")
+        return 0
+    if args.command == "verify":
+        rep = verify(args.folder, progress=not args.no_progress)
+        print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")
+        return 0
+    cfg = PackConfig(
+        images=args.images,
+        labels=args.labels,
+        preset=args.preset,
+        out=args.out,
+        folds=args.folds,
+        seed=args.seed,
+        workers=args.workers,
+        shard_samples=args.shard_samples,
+        resize=args.resize,
+        quality=args.quality,
+        group_column=args.group_column,
+        strict=args.strict,
+        check=args.check,
+        id_column=args.id_column,
+        label_columns=tuple(c for c in args.label_columns.split(",") if c),
+        path_column=args.path_column,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        progress=not args.no_progress,
+    )
+    result = pack(cfg)
     print(format_summary(result))
     print(
         json.dumps(

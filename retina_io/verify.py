@@ -19,7 +19,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from retina_io.dataset import DatasetError, load_manifest
-from retina_io.schema import CLASSES, NUM_CLASSES
+from retina_io.schema import CLASSES, decode_labels
 from retina_io.tario import idx_text, iter_tar, sha256_file
 
 
@@ -106,12 +106,14 @@ def _parse_shard(tar: Path, where: str, entry: dict, rows: pl.DataFrame, sha) ->
                     "expected one of jpg/png, json, labels"
                 )
             raw = comps["labels"]
-            if len(raw) != NUM_CLASSES or max(raw) > 1:
-                raise DatasetError(f"{where}: sample {sample.key} has a bad labels component {list(raw)}")
+            try:
+                decoded = decode_labels(raw)
+            except ValueError as exc:
+                raise DatasetError(f"{where}: sample {sample.key}: {exc}") from None
             if i < len(expected_keys):
                 if sample.key != expected_keys[i]:
                     raise DatasetError(f"{where}: sample {i} is {sample.key}, index.parquet says {expected_keys[i]}")
-                if not np.array_equal(np.frombuffer(raw, np.uint8), expected_labels[i]):
+                if not np.array_equal(decoded, expected_labels[i]):
                     raise DatasetError(
                         f"{where}: sample {sample.key} labels {list(raw)} differ from index.parquet "
                         f"{expected_labels[i].tolist()}"

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
+from retina_io.schema import decode_labels, parse_key
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,7 +97,7 @@ class _EpochStream(IterableDataset):
             image = sample.get("jpg") or sample.get("png")
             if image is None or "labels" not in sample:
                 raise RuntimeError(f"sample {sample['__key__']} in {sample['__url__']} lacks an image or labels")
-            yield int(sample["__key__"]), image, sample["labels"]
+            yield parse_key(sample["__key__"]), image, decode_labels(sample["labels"])
 
     def _stream(self) -> Iterator[tuple[int, bytes, bytes]]:
         """The part shuffled (train mode) and padded to whole batches with copies of its last sample (key -1)."""
@@ -133,7 +134,7 @@ class _EpochStream(IterableDataset):
         random.seed(seed)
         torch.manual_seed(seed)
         images = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for _, b, _ in rows])
-        labels = torch.tensor(np.frombuffer(b"".join(lab for _, _, lab in rows), np.uint8).reshape(len(rows), -1))
+        labels = torch.from_numpy(np.stack([lab for _, _, lab in rows]))
         return images, labels, torch.tensor([k for k, _, _ in rows], dtype=torch.int64)
 
 

@@ -23,6 +23,7 @@ import timm
 import torch
 from torch import nn
 
+from retina_io.errors import RetinaError
 from retina_io.schema import NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ PAPER_BACKBONES = ("resnet50", "tf_efficientnetv2_m", "convnextv2_base", "vit_ba
 TINY_BACKBONES = tuple(k for k, v in BACKBONES.items() if v.tiny)
 
 
-class BackboneError(ValueError):
+class BackboneError(RetinaError, ValueError):
     """An unknown backbone or unusable weights."""
 
 

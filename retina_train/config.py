@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from retina_io.errors import RetinaError
 from retina_io.loader import AugmentConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -82,7 +83,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(RetinaError, ValueError):
     """A configuration a user got wrong: an unknown key, a bad value, a conflicting earlier run."""
 
 

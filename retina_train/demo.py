@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from retina_io.cli import console_main, setup_logging
+from retina_io.errors import RetinaError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from retina_train.evaluate import EvalConfig, evaluate_external
     from retina_train.stack import StackConfig, run_stack
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     device = resolve_device(cfg.device)
     backbones = TINY_BACKBONES if cfg.backbones == "tiny" else PAPER_BACKBONES
     size = cfg.size or (96 if cfg.backbones == "tiny" else 512)
@@ -136,7 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
 
 
-class DemoError(ValueError):
+class DemoError(RetinaError, ValueError):
     """Settings the demo refuses before any work: a missing weights file, an --out made with other data."""
 
 
@@ -190,6 +191,10 @@ def _paper_table(stack, backbones) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return console_main("retina-demo", _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="retina-demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DemoConfig.out)
     p.add_argument("--n", type=int, default=DemoConfig.n, help="training images to generate")
@@ -223,21 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-external", type=int, default=DemoConfig.n_external)
     p.add_argument("--bootstrap", type=int, default=DemoConfig.bootstrap)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not sys.stderr.isatty():  # a log file, not a terminal: progress bars every 30 s instead of 10 times a second
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
+    setup_logging(logging.WARNING)
     if args.backbones == "tiny" and (args.pretrained or args.retfound_weights or args.paper_epochs):
         p.error("--pretrained, --retfound-weights and --paper-epochs apply to --backbones paper")
     cfg = DemoConfig(out=args.out, n=args.n, size=args.size, epochs=args.epochs, backbones=args.backbones,
                      device=args.device, n_external=args.n_external, bootstrap=args.bootstrap,
                      paper_epochs=args.paper_epochs, pretrained=args.pretrained,
                      retfound_weights=args.retfound_weights)  # fmt: skip
-    try:
-        result = run_demo(cfg)
-    except DemoError as exc:
-        print(f"retina-demo: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
+    print(json.dumps(run_demo(cfg)))
     return 0
 
 

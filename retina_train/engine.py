@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from retina_io.dataset import PackedDataset
+from retina_io.fsutil import atomic_path
 from retina_io.loader import LoaderConfig, build_loader
 from retina_io.schema import CLASSES
 from retina_train.backbones import create_backbone, get_spec, param_groups
@@ -322,9 +323,8 @@ def _save_safetensors(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp))
 
 
 # ----------------------------------------------------------------------------------------------- prediction

@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from retina_io.dataset import PackedDataset
+from retina_io.errors import RetinaError
 from retina_io.loader import build_loader
-from retina_io.pack import KEY_WIDTH
-from retina_io.schema import CLASSES
+from retina_io.schema import CLASSES, feature_name, format_keys
 from retina_train.backbones import create_backbone
 from retina_train.config import from_dict
 from retina_train.engine import loader_config, predict
@@ -27,7 +27,7 @@ from retina_train.engine import loader_config, predict
 log = logging.getLogger(__name__)
 
 
-class EnsembleError(RuntimeError):
+class EnsembleError(RetinaError, RuntimeError):
     """A run folder without usable fold models."""
 
 
@@ -81,7 +81,7 @@ def predict_runs(runs: Path, data: Path, *, device: str = "cpu", batch_size: int
     for model_dir in backbone_dirs(runs):
         keys, probs = predict_backbone(model_dir, data, device=device, batch_size=batch_size, backend=backend,
                                        num_threads=num_threads)  # fmt: skip
-        part = pl.DataFrame({"key": [f"{k:0{KEY_WIDTH}d}" for k in keys.tolist()],
-                             **{f"{model_dir.name}__{c}": probs[:, j] for j, c in enumerate(CLASSES)}})  # fmt: skip
+        columns = {feature_name(model_dir.name, c): probs[:, j] for j, c in enumerate(CLASSES)}
+        part = pl.DataFrame({"key": format_keys(keys), **columns})
         frame = part if frame is None else frame.join(part, on="key", how="full", coalesce=True)
     return frame.sort("key")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from retina_io.cli import console_main, setup_logging
 from retina_io.dataset import PackedDataset
+from retina_io.errors import RetinaError
 from retina_train import metrics
 from retina_train.ensemble import predict_runs
 
@@ -29,7 +30,7 @@ META_ROW = "meta-learner"
 MEAN_ROW = "mean of backbones"
 
 
-class EvalError(RuntimeError):
+class EvalError(RetinaError, RuntimeError):
     """An evaluation that cannot be done as asked; the message names the input and the fix."""
 
 
@@ -158,8 +159,11 @@ def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    return console_main("retina-eval", _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="retina-eval", description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=Path, required=True, help="the run folder (runs/EXP) with trained backbones")
@@ -172,18 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from retina_io.dataset import DatasetError
-    from retina_train.config import ConfigError
+    setup_logging()
     from retina_train.engine import resolve_device
-    from retina_train.ensemble import EnsembleError
 
-    try:
-        device = resolve_device(args.device)
-    except ConfigError as exc:
-        print(f"retina-eval: error: {exc}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
     cfg = EvalConfig(
         runs=args.runs,
         data=args.data,
@@ -195,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap=args.bootstrap,
         seed=args.seed,
     )
-    try:
-        result = evaluate_external(cfg)
-    except (EvalError, EnsembleError, DatasetError) as exc:
-        print(f"retina-eval: error: {exc}", file=sys.stderr)
-        return 2
+    result = evaluate_external(cfg)
     print((result.out / "report.md").read_text().split("### AUC per class")[0])
     print(
         json.dumps(

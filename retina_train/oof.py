@@ -7,14 +7,13 @@ never); together the ranks cover fold k exactly once.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from retina_io.pack import KEY_WIDTH
-from retina_io.schema import CLASSES, NUM_CLASSES
+from retina_io.fsutil import atomic_path
+from retina_io.schema import CLASSES, NUM_CLASSES, format_keys
 
 
 def oof_frame(keys: np.ndarray, probs: np.ndarray, *, fold: int) -> pl.DataFrame:
@@ -25,7 +24,7 @@ def oof_frame(keys: np.ndarray, probs: np.ndarray, *, fold: int) -> pl.DataFrame
     if (keys < 0).any():
         raise ValueError("padded rows (key -1) must not reach an OOF file")
     return pl.DataFrame(
-        {"key": [f"{k:0{KEY_WIDTH}d}" for k in keys.tolist()], "fold": np.full(len(keys), fold, np.int32),
+        {"key": format_keys(keys), "fold": np.full(len(keys), fold, np.int32),
          **{c: probs[:, j] for j, c in enumerate(CLASSES)}},
         schema={"key": pl.String, "fold": pl.Int32, **{c: pl.Float32 for c in CLASSES}},
     )  # fmt: skip
@@ -33,11 +32,8 @@ def oof_frame(keys: np.ndarray, probs: np.ndarray, *, fold: int) -> pl.DataFrame
 
 def write_oof(path: Path, keys: np.ndarray, probs: np.ndarray, *, fold: int) -> None:
     """Write one rank's OOF shard atomically (a killed run leaves no half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    oof_frame(keys, probs, fold=fold).write_parquet(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        oof_frame(keys, probs, fold=fold).write_parquet(tmp)
 
 
 def check_fold_oof(fold_dir: Path, expected_keys: list[str]) -> pl.DataFrame:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -21,8 +20,8 @@ if __package__ in (None, ""):  # run as a script (the DeepSpeed launcher does th
 
 import yaml
 
-from retina_io.dataset import DatasetError
-from retina_train.backbones import BACKBONES, BackboneError
+from retina_io.cli import console_main, setup_logging
+from retina_train.backbones import BACKBONES
 from retina_train.config import ConfigError, resolve_config
 
 
@@ -78,17 +77,16 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = resolve_config(args.backbone, config_file=args.config, overrides=overrides_from(args))
-        from retina_train.engine import run_folds
+    return console_main("run.py", _run, argv)
 
-        summary = run_folds(cfg)
-    except (ConfigError, BackboneError, DatasetError) as exc:
-        print(f"run.py: error: {exc}", file=sys.stderr)
-        return 2
-    from retina_train.engine import rank_world
+
+def _run(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    setup_logging(fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = resolve_config(args.backbone, config_file=args.config, overrides=overrides_from(args))
+    from retina_train.engine import rank_world, run_folds
+
+    summary = run_folds(cfg)
 
     if rank_world()[0] == 0:
         best = {k: v["best_macro_auc"] for k, v in summary["folds"].items()}

@@ -59,6 +59,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from retina_io.dataset import DatasetError, PackedDataset
+from retina_io.errors import RetinaError
 from retina_io.schema import CLASSES
 from retina_train import metrics
 
@@ -77,7 +78,7 @@ _FOLD_DIR = re.compile(r"^fold(\d+)$")
 _RANK_FILE = re.compile(r"^oof-rank(\d+)\.parquet$")
 
 
-class StackError(RuntimeError):
+class StackError(RetinaError, RuntimeError):
     """A problem with the inputs of stacking that the user can fix (the message names the input and the fix)."""
 
 

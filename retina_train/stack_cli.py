@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
+from retina_io.cli import console_main, setup_logging
 from retina_train.stack import DEVICES, STRATEGIES, MetaParams, StackConfig, StackError, run_stack
 
 
@@ -55,14 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return console_main("retina-stack", _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    # XGBoost's OpenMP threads sleep at barriers instead of spinning (unless the user chose): on a shared or
-    # oversubscribed machine spinning made the native multi-label fit several times slower. Read at xgboost import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     if args.bootstrap < 0 or args.control_rows < 2:
-        print("retina-stack: error: --bootstrap must be >= 0 and --control-rows >= 2", file=sys.stderr)
-        return 2
+        raise StackError("--bootstrap must be >= 0 and --control-rows >= 2")
     cfg = StackConfig(
         runs=args.runs,
         data=args.data,
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         control_max_rows=args.control_rows,
         progress=not args.no_progress,
     )
-    try:
-        result = run_stack(cfg)
-    except StackError as exc:
-        print(f"retina-stack: error: {exc}", file=sys.stderr)
-        return 2
+    result = run_stack(cfg)
     from retina_train.stack import CONTROL_ROW, MEAN_ROW, META_ROW
 
     t = result.table

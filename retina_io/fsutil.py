@@ -1,0 +1,41 @@
+"""Writing files so that a killed process never leaves a half-written one: write a temporary file beside the target,
+then rename it over the target (atomic on POSIX filesystems). Every writer of the project's outputs comes here."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_MARK = ".tmp-"  # temporary names are NAME.tmp-SUFFIX; a resumed pack removes leftovers by this mark
+
+
+def tmp_path(path: Path, suffix: str | None = None) -> Path:
+    """The temporary name for ``path`` (``suffix`` defaults to the process id, so processes never share one)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{TMP_MARK}{suffix if suffix is not None else os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error it is renamed to ``path``,
+    otherwise it is removed. The parent folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes | str, suffix: str | None = None) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically."""
+    with atomic_path(path, suffix) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
