@@ -16,13 +16,17 @@ arguments and calls the library. Here:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from retina_io.errors import RetinaError
 
+T = TypeVar("T")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
@@ -45,6 +49,18 @@ def error_line(prog: str, exc: BaseException) -> str:
         where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
         return f"{prog}: error: {where}: {exc.strerror or type(exc).__name__}"
     return f"{prog}: error: {' '.join(str(exc).split())}"
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, **fields: Any) -> T:
+    """The config dataclass ``cls`` from the parsed arguments: each field takes the argument of the same name (an
+    option ``--shard-samples`` is ``args.shard_samples``); ``fields`` give the rest or override. The one place where
+    command lines become configs, so a new option needs a field and an argument, not a third line of glue."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return cls(**{**values, **fields})
 
 
 def console_main(prog: str, run: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``retina-shard pack``: images + a label table -> a packed dataset in shard format v1 (DESIGN.md, contract 2).
+"""``retina-shard pack``: images + a label table -> a packed dataset in shard format v1 (docs/contracts.md, contract 2).
 
 The steps, each a function:
 

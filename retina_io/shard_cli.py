@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from retina_io.cli import console_main, setup_logging
+from retina_io.cli import config_from_args, console_main, setup_logging
 from retina_io.pack import PackConfig, PackResult, pack
 from retina_io.presets import PRESET_NAMES
 from retina_io.verify import DatasetError, verify
@@ -124,28 +124,8 @@ def _run(argv: list[str] | None) -> int:
         rep = verify(args.folder, progress=not args.no_progress)
         print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")
         return 0
-    cfg = PackConfig(
-        images=args.images,
-        labels=args.labels,
-        preset=args.preset,
-        out=args.out,
-        folds=args.folds,
-        seed=args.seed,
-        workers=args.workers,
-        shard_samples=args.shard_samples,
-        resize=args.resize,
-        quality=args.quality,
-        group_column=args.group_column,
-        strict=args.strict,
-        check=args.check,
-        id_column=args.id_column,
-        label_columns=tuple(c for c in args.label_columns.split(",") if c),
-        path_column=args.path_column,
-        num_nodes=args.num_nodes,
-        node_rank=args.node_rank,
-        progress=not args.no_progress,
-    )
-    result = pack(cfg)
+    label_columns = tuple(c for c in args.label_columns.split(",") if c)
+    result = pack(config_from_args(PackConfig, args, label_columns=label_columns, progress=not args.no_progress))
     print(format_summary(result))
     print(
         json.dumps(

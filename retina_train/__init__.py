@@ -1,1 +1,1 @@
-"""retina_train: batches -> models -> out-of-fold predictions -> stacking -> evaluation (see DESIGN.md)."""
+"""retina_train: batches -> models -> out-of-fold predictions -> stacking -> evaluation (docs/architecture.md)."""
