@@ -143,8 +143,8 @@ def pandas_table(runs: Path, data: Path) -> object:
 
 
 def _meta(X: np.ndarray, Y: np.ndarray, folds: np.ndarray, strategy: str, workers: int) -> tuple[float, float]:  # noqa: N803
-    from retina_train.metrics import roc_auc
     from retina_train.stack import MetaParams, create_meta_learner, feature_columns
+    from retina_train.stack.metrics import roc_auc
 
     learner = create_meta_learner(
         feature_columns(BACKBONES), list(CLASSES), strategy=strategy, device="cpu", params=MetaParams(n_jobs=workers)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from retina_io.cli import console_main, setup_logging
 from retina_io.errors import RetinaError
+from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +119,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     table = _paper_table(stack, backbones)
     print("\n" + table)
     print(f"\nexternal ({cfg.external_layout}, classes {', '.join(ev.classes)}): macro-AUC meta-learner "
-          f"{ev.macro():.3f}, mean of backbones {ev.macro('mean of backbones'):.3f}")  # fmt: skip
+          f"{ev.macro():.3f}, mean of backbones {ev.macro(MEAN_ROW):.3f}")  # fmt: skip
     print(f"reports: {runs / 'stack' / 'report.md'} and {ev.out / 'report.md'}")
     for folder in (runs / "stack", ev.out):
         plots = sorted(p.name for p in folder.glob("*.png"))
         if plots:
             print(f"plots in {folder}: {', '.join(plots)}")
     return {
-        "ensemble_macro_auc": round(stack.macro("meta-learner"), 4),
+        "ensemble_macro_auc": round(stack.macro(META_ROW), 4),
         "best_single_macro_auc": round(max(singles.values()), 4),
         "best_single": max(singles, key=singles.get),
-        "mean_of_backbones_macro_auc": round(stack.macro("mean of backbones"), 4),
-        "control_macro_auc": round(stack.macro("control (shuffled labels)"), 4),
+        "mean_of_backbones_macro_auc": round(stack.macro(MEAN_ROW), 4),
+        "control_macro_auc": round(stack.macro(CONTROL_ROW), 4),
         "external_macro_auc": round(ev.macro(), 4),
         "external_classes": ev.classes,
         "seconds": round(stage.seconds, 1),
@@ -176,7 +177,7 @@ def backbone_overrides(cfg: DemoConfig, name: str, *, data: Path, runs: Path, de
 def _paper_table(stack, backbones) -> str:
     import polars as pl
 
-    rows = [*backbones, "mean of backbones", "meta-learner", "control (shuffled labels)"]
+    rows = [*backbones, MEAN_ROW, META_ROW, CONTROL_ROW]
     lines = ["| model | macro-AUC [95% CI] | macro-F1 [95% CI] |", "| --- | ---: | ---: |"]
     for r in rows:
         cells = []

@@ -22,12 +22,11 @@ import polars as pl
 from retina_io.cli import console_main, setup_logging
 from retina_io.dataset import PackedDataset
 from retina_io.errors import RetinaError
-from retina_train import metrics
 from retina_train.ensemble import predict_runs
+from retina_train.stack import metrics
+from retina_train.stack.rows import MEAN_ROW, META_ROW
 
 log = logging.getLogger(__name__)
-META_ROW = "meta-learner"
-MEAN_ROW = "mean of backbones"
 
 
 class EvalError(RetinaError, RuntimeError):
@@ -130,7 +129,7 @@ def evaluate_external(cfg: EvalConfig) -> EvalResult:
 
 
 def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir) -> None:
-    from retina_train.report import plot_calibration, plot_roc, scores_markdown
+    from retina_train.stack.report import plot_calibration, plot_roc, scores_markdown
 
     plot_roc(out / "roc.png", y, probs, classes, bold=META_ROW, dashed=MEAN_ROW)
     plot_calibration(out / "calibration.png", y, {META_ROW: probs[META_ROW], MEAN_ROW: probs[MEAN_ROW]}, classes)

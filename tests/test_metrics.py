@@ -1,4 +1,4 @@
-"""Scores and bootstrap intervals of retina_train.metrics against scikit-learn on fixed inputs."""
+"""Scores and bootstrap intervals of retina_train.stack.metrics against scikit-learn on fixed inputs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
 
-from retina_train import metrics
-from retina_train.metrics import MACRO, Scored
+from retina_train.stack import metrics
+from retina_train.stack.metrics import MACRO, Scored
 
 
 def _data(n: int, c: int = 3, seed: int = 0, ties: bool = False):

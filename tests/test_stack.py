@@ -13,7 +13,6 @@ import pytest
 from benchmarks.bench_stack import make_oof_inputs
 from retina_io.dataset import PackedDataset
 from retina_io.schema import CLASSES
-from retina_train import stack
 from retina_train.stack import (
     CONTROL_ROW,
     META_ROW,
@@ -27,7 +26,8 @@ from retina_train.stack import (
     nested_cv,
     run_stack,
 )
-from retina_train.stack_cli import main
+from retina_train.stack.cli import main
+from retina_train.stack.run import _macro_auc
 
 FAST = MetaParams(n_estimators=20, max_depth=3, n_jobs=1)
 
@@ -205,7 +205,7 @@ def test_native_and_multioutput_agree_and_gain_matches_xgboost():
     fitted = {}
     for s in ("native", "multioutput"):
         fitted[s] = create_meta_learner(cols, ["DR", "AMD", "AON"], strategy=s, params=FAST).fit(X[train], Y[train])
-    aucs = {s: stack._macro_auc(Y[test], m.predict_proba(X[test])) for s, m in fitted.items()}
+    aucs = {s: _macro_auc(Y[test], m.predict_proba(X[test])) for s, m in fitted.items()}
     assert abs(aucs["native"] - aucs["multioutput"]) < 0.001
     multi = fitted["multioutput"]
     gain = multi.gain()

@@ -1,5 +1,8 @@
 """The stacking report: markdown tables and PNG plots (matplotlib, Agg backend), readable on their own.
 
+It takes plain data (arrays, polars frames, paths, row names; :class:`ReportInputs`), never the stacking step's
+objects, so ``retina-eval`` reuses its tables and plots and nothing here imports the stacking code.
+
 - ``scores.md``: macro scores of every row (backbones, their mean, the meta-learner, the shuffled-label control) with
   95% bootstrap intervals; AUC per class and row (the paper's table); the meta-learner's scores per class.
 - ``roc.png``: ROC curves per class (backbones thin, their mean dashed, the meta-learner bold).
@@ -14,8 +17,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -24,10 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from retina_train.metrics import MACRO, METRIC_LABELS, METRICS  # noqa: E402
-
-if TYPE_CHECKING:
-    from retina_train.stack import StackResult
+from retina_train.stack.metrics import MACRO, METRIC_LABELS, METRICS  # noqa: E402
+from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -230,16 +231,42 @@ def plot_importance(path: Path, importance: pl.DataFrame) -> Path:
 # ------------------------------------------------------------------------------------------------------- report
 
 
-def write_report(result: StackResult, *, probs: Mapping[str, np.ndarray]) -> dict[str, Path]:
-    """Write ``scores.md``, the three PNGs and ``report.md`` into the result's output folder."""
-    from retina_train.stack import CONTROL_ROW, MEAN_ROW, META_ROW
+@dataclass
+class ReportInputs:
+    """Everything ``report.md`` shows, as plain data: the rows' probabilities and scores, and what produced them."""
 
-    cfg, table = result.config, result.table
-    out = Path(cfg.out)
-    classes = table.targets
-    y = table.Y()
-    keep = _subsample(len(y), cfg.plot_max_rows, cfg.seed)
-    y_plot = y[keep]
+    out: Path
+    runs: Path  # the OOF predictions (runs/EXP)
+    data: Path  # the packed dataset
+    models: list[str]  # the backbones, sorted
+    classes: list[str]  # the scored classes
+    skipped: Mapping[str, str]  # class -> why it is not scored
+    n_files: int  # OOF files read
+    n_features: int
+    k: int  # folds
+    y: np.ndarray  # (n, classes) labels
+    probs: Mapping[str, np.ndarray]  # row name -> (n, classes) OOF probabilities; META_ROW and MEAN_ROW among them
+    scores: pl.DataFrame  # metrics.score_table's long table
+    importance: pl.DataFrame  # class, then one gain-share column per backbone
+    strategy: str
+    strategy_check: Mapping | None  # what `auto` measured, or None
+    device: str
+    params: Mapping  # the meta-learner's XGBoost parameters (n_estimators, max_depth, learning_rate, ...)
+    model_files: list[str]  # the final meta-learner's booster files
+    control_rows: int  # rows of the shuffled-label control
+    seconds: Mapping[str, float]  # timings per stage
+    seed: int = 0
+    bootstrap: int = 1000
+    ci: float = 0.95
+    plot_max_rows: int = 200_000  # ROC / calibration curves from a seeded subsample of at most this many rows
+
+
+def write_report(r: ReportInputs) -> dict[str, Path]:
+    """Write ``scores.md``, the three PNGs and ``report.md`` into ``r.out``; returns their paths by name."""
+    out = Path(r.out)
+    classes, probs = r.classes, r.probs
+    keep = _subsample(len(r.y), r.plot_max_rows, r.seed)
+    y_plot = r.y[keep]
     files = {
         "roc": plot_roc(
             out / "roc.png", y_plot, {k: v[keep] for k, v in probs.items()}, classes, bold=META_ROW, dashed=MEAN_ROW
@@ -247,20 +274,20 @@ def write_report(result: StackResult, *, probs: Mapping[str, np.ndarray]) -> dic
         "calibration": plot_calibration(
             out / "calibration.png", y_plot, {META_ROW: probs[META_ROW][keep], MEAN_ROW: probs[MEAN_ROW][keep]}, classes
         ),
-        "importance_png": plot_importance(out / "importance.png", result.importance),
+        "importance_png": plot_importance(out / "importance.png", r.importance),
     }
-    scores_md = scores_markdown(result.scores, classes, meta_row=META_ROW, ci=cfg.ci)
+    scores_md = scores_markdown(r.scores, classes, meta_row=META_ROW, ci=r.ci)
     files["scores_md"] = out / "scores.md"
     files["scores_md"].write_text(scores_md, encoding="utf-8")
 
-    look = _lookup(result.scores)
+    look = _lookup(r.scores)
     meta_auc = look[(META_ROW, MACRO, "auc")]
     mean_auc = look[(MEAN_ROW, MACRO, "auc")]
     control_auc = look[(CONTROL_ROW, MACRO, "auc")]
-    best_backbone = max(table.models, key=lambda m: look[(m, MACRO, "auc")][0])
-    skipped = "; ".join(f"{c} ({r})" for c, r in table.skipped.items()) or "none"
-    p = cfg.params
-    check = result.strategy_check
+    best_backbone = max(r.models, key=lambda m: look[(m, MACRO, "auc")][0])
+    skipped = "; ".join(f"{c} ({why})" for c, why in r.skipped.items()) or "none"
+    p = r.params
+    check = r.strategy_check
     check_line = ""
     if check:
         check_line = (
@@ -268,14 +295,13 @@ def write_report(result: StackResult, *, probs: Mapping[str, np.ndarray]) -> dic
             f"({check['fit_seconds']['native']:.1f} s fit) vs multioutput {check['macro_auc']['multioutput']:.4f} "
             f"({check['fit_seconds']['multioutput']:.1f} s fit); native is kept when within {check['tolerance']}."
         )
-    control_n = len(result.control_rows)
+    control_n = r.control_rows
     lines = [
         "# Stacking report",
         "",
-        f"- OOF predictions: `{cfg.runs}` — {len(table.models)} backbones ({', '.join(table.models)}), "
-        f"{table.files} files",
-        f"- Dataset: `{cfg.data}` — {table.n:,} samples, {table.k} folds",
-        f"- Features: {len(table.feature_columns)} columns `MODEL__CLASS` (models sorted by name, classes in the "
+        f"- OOF predictions: `{r.runs}` — {len(r.models)} backbones ({', '.join(r.models)}), {r.n_files} files",
+        f"- Dataset: `{r.data}` — {len(r.y):,} samples, {r.k} folds",
+        f"- Features: {r.n_features} columns `MODEL__CLASS` (models sorted by name, classes in the "
         "fixed class order) — `features.parquet`",
         f"- Classes scored: {', '.join(classes)}; skipped: {skipped}",
         "",
@@ -288,31 +314,31 @@ def write_report(result: StackResult, *, probs: Mapping[str, np.ndarray]) -> dic
         scores_md,
         "## Meta-learner",
         "",
-        f"XGBoost, strategy `{result.strategy}`"
+        f"XGBoost, strategy `{r.strategy}`"
         + (
             ' (one booster on the 2-D label matrix, `multi_strategy="one_output_per_tree"`)'
-            if result.strategy == "native"
+            if r.strategy == "native"
             else " (scikit-learn `MultiOutputClassifier(XGBClassifier)`, one booster per class)"
         )
-        + f', device `{result.device}`, `tree_method="hist"`, {p.n_estimators} trees per class, depth '
-        f"{p.max_depth}, learning rate {p.learning_rate}, seed {cfg.seed}.{check_line}",
+        + f', device `{r.device}`, `tree_method="hist"`, {p["n_estimators"]} trees per class, depth '
+        f"{p['max_depth']}, learning rate {p['learning_rate']}, seed {r.seed}.{check_line}",
         "The final model (fitted on all rows) is "
-        + ", ".join(f"`{f}`" for f in result.final.model_files())
+        + ", ".join(f"`{f}`" for f in r.model_files)
         + "; `meta.json` holds its feature order, classes, parameters and the per-class thresholds (F1-optimal on "
         "the meta-OOF). Load it with `retina_train.stack.load_meta_learner`.",
         "",
         "## How the scores stay honest",
         "",
-        f"- Nested cross-validation on the dataset's {table.k} folds: for fold k a fresh meta-learner trains on the "
+        f"- Nested cross-validation on the dataset's {r.k} folds: for fold k a fresh meta-learner trains on the "
         "other folds and scores fold k; every sample's meta-probability (`meta_oof.parquet`) comes from a model that "
         "never trained on it (checked: training and scored rows disjoint, every row scored once).",
         "- Thresholds for F1@t / sensitivity@t / specificity@t: for fold k, the meta-learner's threshold is the "
         "F1-optimal one on its own training rows (in-sample), and a backbone's (or the mean's) is F1-optimal on the "
         "other folds' OOF — fold k's labels never choose fold k's threshold.",
-        f"- Intervals: {cfg.bootstrap} paired bootstrap resamples of the samples (seed {cfg.seed}), "
-        f"{cfg.ci:.0%} percentile intervals.",
+        f"- Intervals: {r.bootstrap} paired bootstrap resamples of the samples (seed {r.seed}), "
+        f"{r.ci:.0%} percentile intervals.",
         f"- Control: the same nested CV with the label rows permuted across samples ({control_n:,} rows"
-        + (", a seeded subsample" if control_n < table.n else "")
+        + (", a seeded subsample" if control_n < len(r.y) else "")
         + f"): macro-AUC {_fmt(*control_auc)}. Near 0.5 means nothing leaks labels into features or scores.",
         "",
         "## Per-disease importance of each backbone",
@@ -320,7 +346,7 @@ def write_report(result: StackResult, *, probs: Mapping[str, np.ndarray]) -> dic
         "Share of the final meta-learner's total split gain per class, summed over each backbone's 11 features "
         "(`importance.parquet`, `importance.csv`):",
         "",
-        importance_markdown(result.importance),
+        importance_markdown(r.importance),
         "",
         "![importance](importance.png)",
         "",
@@ -334,7 +360,7 @@ def write_report(result: StackResult, *, probs: Mapping[str, np.ndarray]) -> dic
         "",
         "## Timings",
         "",
-        ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
+        ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()),
         "",
     ]
     files["report"] = out / "report.md"

@@ -1,4 +1,4 @@
-"""``retina-stack``: the command line over :func:`retina_train.stack.run_stack`.
+"""``retina-stack``: the command line over :func:`retina_train.stack.run.run_stack`.
 
     retina-stack --runs runs/EXP --data shards/NAME --out runs/EXP/stack \\
         [--strategy auto|native|multioutput] [--device auto|cuda|cpu] [--bootstrap 1000] [--seed 0]
@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 
 from retina_io.cli import console_main, setup_logging
-from retina_train.stack import DEVICES, STRATEGIES, MetaParams, StackConfig, StackError, run_stack
+from retina_train.stack.errors import StackError
+from retina_train.stack.meta import DEVICES, STRATEGIES, MetaParams
+from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW
+from retina_train.stack.run import StackConfig, run_stack
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,8 +84,6 @@ def _run(argv: list[str] | None) -> int:
         progress=not args.no_progress,
     )
     result = run_stack(cfg)
-    from retina_train.stack import CONTROL_ROW, MEAN_ROW, META_ROW
-
     t = result.table
     print(
         f"stacked {t.n:,} samples x {len(t.feature_columns)} features ({len(t.models)} models); "
