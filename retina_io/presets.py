@@ -25,56 +25,41 @@ from retina_io.schema import CLASSES
 # Columns every index/label table reserves for itself; metadata columns with these names get a preset prefix.
 RESERVED_COLUMNS = frozenset({"key", "id", "fold", "shard", "group", "row", "relpath", "reason", "detail", *CLASSES})
 
-RFMID_COLUMNS = (
-    "DR",
-    "ARMD",
-    "MH",
-    "DN",
-    "MYA",
-    "BRVO",
-    "TSLN",
-    "ERM",
-    "LS",
-    "MS",
-    "CSR",
-    "ODC",
-    "CRVO",
-    "TV",
-    "AH",
-    "ODP",
-    "ODE",
-    "ST",
-    "AION",
-    "PT",
-    "RT",
-    "RS",
-    "CRS",
-    "EDN",
-    "RPEC",
-    "MHL",
-    "RP",
-    "CWS",
-    "CB",
-    "ODPM",
-    "PRH",
-    "MNF",
-    "HR",
-    "CRAO",
-    "TD",
-    "CME",
-    "PTCR",
-    "CF",
-    "VH",
-    "MCA",
-    "VS",
-    "BRAO",
-    "PLQ",
-    "HPED",
-    "CL",
-)
+# Each published layout's label-table header, in its published order: the one home of these column names (the
+# presets below read them; retina-synth writes them).
 
-SYNFUNDUS_FLAGS = ("is_amd", "is_aon", "is_crp", "is_dm", "is_dme", "is_em", "is_gc", "is_htr", "is_pm", "is_rvo")
-SYNFUNDUS_READABILITY = ("is_fundus", "is_macular_readable", "is_optic_disc_readable", "is_retinal_region_readable")
+#: SynFundus-1M's ``is_*`` column of every class except DR (DR is carried by ``dr_grade > 0``), in CLASSES order.
+SYNFUNDUS_CLASS_COLUMNS: dict[str, str] = {c: f"is_{c.lower()}" for c in CLASSES if c != "DR"}
+SYNFUNDUS_FLAGS: tuple[str, ...] = tuple(SYNFUNDUS_CLASS_COLUMNS.values())
+SYNFUNDUS_READABILITY: tuple[str, ...] = (
+    "is_fundus",
+    "is_macular_readable",
+    "is_optic_disc_readable",
+    "is_retinal_region_readable",
+)
+#: SynFundus-1M ``labels.csv``: ``file_name``, ``dr_grade`` (0-4), ``eye_side``, the class flags, the readability flags.
+SYNFUNDUS_COLUMNS: tuple[str, ...] = ("file_name", "dr_grade", "eye_side", *SYNFUNDUS_FLAGS, *SYNFUNDUS_READABILITY)
+#: The 45 RFMiD disease columns, in the published order (after ``ID`` and ``Disease_Risk``).
+RFMID_DISEASES: tuple[str, ...] = (
+    "DR", "ARMD", "MH", "DN", "MYA", "BRVO", "TSLN", "ERM", "LS", "MS", "CSR", "ODC", "CRVO", "TV", "AH", "ODP", "ODE",
+    "ST", "AION", "PT", "RT", "RS", "CRS", "EDN", "RPEC", "MHL", "RP", "CWS", "CB", "ODPM", "PRH", "MNF", "HR", "CRAO",
+    "TD", "CME", "PTCR", "CF", "VH", "MCA", "VS", "BRAO", "PLQ", "HPED", "CL",
+)  # fmt: skip
+#: The full RFMiD header: ``ID``, ``Disease_Risk``, then the 45 disease columns.
+RFMID_COLUMNS: tuple[str, ...] = ("ID", "Disease_Risk", *RFMID_DISEASES)
+AIROGS_COLUMNS: tuple[str, ...] = ("challenge_id", "class")
+APTOS_COLUMNS: tuple[str, ...] = ("id_code", "diagnosis")
+EYEPACS_COLUMNS: tuple[str, ...] = ("image", "level")
+MESSIDOR2_COLUMNS: tuple[str, ...] = ("id_code", "diagnosis", "adjudicated_dme", "adjudicated_gradable")
+#: Named layout -> its label-table header (the columns a preset requires, in the published order).
+LAYOUT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "synfundus": SYNFUNDUS_COLUMNS,
+    "rfmid": RFMID_COLUMNS,
+    "airogs": AIROGS_COLUMNS,
+    "aptos": APTOS_COLUMNS,
+    "eyepacs": EYEPACS_COLUMNS,
+    "messidor2": MESSIDOR2_COLUMNS,
+}
 
 # The one mapping table: preset -> class -> rule. A rule is ("any", [binary columns]) — positive when any is 1 —,
 # ("grade>0", column) — an integer grade 0-4, positive when > 0 — or ("equals", column, value) for a string class.
@@ -83,7 +68,7 @@ SYNFUNDUS_READABILITY = ("is_fundus", "is_macular_readable", "is_optic_disc_read
 CLASS_MAPS: dict[str, dict[str, tuple]] = {
     "synfundus": {
         "DR": ("grade>0", "dr_grade"),
-        **{c: ("any", [f"is_{c.lower()}"]) for c in CLASSES if c != "DR"},
+        **{c: ("any", [col]) for c, col in SYNFUNDUS_CLASS_COLUMNS.items()},
     },
     "rfmid": {
         "DR": ("any", ["DR"]),
@@ -143,7 +128,7 @@ PRESETS: dict[str, Preset] = {
         name="synfundus",
         class_map=CLASS_MAPS["synfundus"],
         id_column="file_name",
-        required=("file_name", "dr_grade", "eye_side", *SYNFUNDUS_FLAGS, *SYNFUNDUS_READABILITY),
+        required=SYNFUNDUS_COLUMNS,
         file_name=lambda i: i,
         prefixes=("Fundus/",),
         int_columns={"dr_grade": (0, 4), **_binary(SYNFUNDUS_FLAGS)},
@@ -153,16 +138,16 @@ PRESETS: dict[str, Preset] = {
         name="rfmid",
         class_map=CLASS_MAPS["rfmid"],
         id_column="ID",
-        required=("ID", "Disease_Risk", *RFMID_COLUMNS),
+        required=RFMID_COLUMNS,
         file_name=lambda i: f"{i}.png",
-        int_columns={"ID": (0, 10**12), **_binary(("Disease_Risk", *RFMID_COLUMNS))},
-        metadata=("Disease_Risk", *RFMID_COLUMNS),
+        int_columns={"ID": (0, 10**12), **_binary(("Disease_Risk", *RFMID_DISEASES))},
+        metadata=("Disease_Risk", *RFMID_DISEASES),
     ),
     "airogs": Preset(
         name="airogs",
         class_map=CLASS_MAPS["airogs"],
         id_column="challenge_id",
-        required=("challenge_id", "class"),
+        required=AIROGS_COLUMNS,
         file_name=lambda i: f"{i}.jpg",
         string_columns={"class": ("RG", "NRG")},
         metadata=("class",),
@@ -171,7 +156,7 @@ PRESETS: dict[str, Preset] = {
         name="aptos",
         class_map=CLASS_MAPS["aptos"],
         id_column="id_code",
-        required=("id_code", "diagnosis"),
+        required=APTOS_COLUMNS,
         file_name=lambda i: f"{i}.png",
         int_columns={"diagnosis": (0, 4)},
         metadata=("diagnosis",),
@@ -180,7 +165,7 @@ PRESETS: dict[str, Preset] = {
         name="eyepacs",
         class_map=CLASS_MAPS["eyepacs"],
         id_column="image",
-        required=("image", "level"),
+        required=EYEPACS_COLUMNS,
         file_name=lambda i: f"{i}.jpeg",
         int_columns={"level": (0, 4)},
         group=lambda e: e.str.split("_").list.first(),
@@ -190,7 +175,7 @@ PRESETS: dict[str, Preset] = {
         name="messidor2",
         class_map=CLASS_MAPS["messidor2"],
         id_column="id_code",
-        required=("id_code", "diagnosis", "adjudicated_dme", "adjudicated_gradable"),
+        required=MESSIDOR2_COLUMNS,
         # Kaggle's preprocessed copy names them id_code/diagnosis; Google's adjudicated grades (Krause et al. 2018,
         # kaggle.com/datasets/google-brain/messidor2-dr-grades) image_id/adjudicated_dr_grade.
         aliases={"id_code": ("image_id",), "diagnosis": ("adjudicated_dr_grade",)},

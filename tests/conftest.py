@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retina_io.presets import SYNFUNDUS_FLAGS, SYNFUNDUS_READABILITY
+from retina_io.presets import SYNFUNDUS_COLUMNS, SYNFUNDUS_FLAGS
 
-SYNFUNDUS_HEADER = ["file_name", "dr_grade", "eye_side", *SYNFUNDUS_FLAGS, *SYNFUNDUS_READABILITY]
+SYNFUNDUS_HEADER = list(SYNFUNDUS_COLUMNS)
 
 
 def fundus_like(seed: int, size: tuple[int, int] = (72, 56)) -> np.ndarray:

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from retina_io.pack import PackConfig, pack
-from retina_io.presets import RFMID_COLUMNS, PresetError, get_preset, read_labels
+from retina_io.presets import RFMID_COLUMNS, RFMID_DISEASES, PresetError, get_preset, read_labels
 from retina_io.schema import CLASSES
 from tests.conftest import SYNFUNDUS_HEADER, fundus_like, jpeg_bytes, png_bytes
 
@@ -49,7 +49,7 @@ def test_rfmid_layout_and_mapping(tmp_path):
     rows = []
     for i in range(1, 9):
         _png(images / f"{i}.png", i)
-        vals = dict.fromkeys(RFMID_COLUMNS, 0)
+        vals = dict.fromkeys(RFMID_DISEASES, 0)
         if i % 2:
             vals["ARMD"] = 1
         if i % 3 == 0:
@@ -57,7 +57,7 @@ def test_rfmid_layout_and_mapping(tmp_path):
         if i == 4:
             vals["MH"] = 1  # a class outside the 11: kept as metadata only
         rows.append([i, int(any(vals.values())), *vals.values()])
-    labels = _write_csv(tmp_path / "RFMiD_Training_Labels.csv", ["ID", "Disease_Risk", *RFMID_COLUMNS], rows)
+    labels = _write_csv(tmp_path / "RFMiD_Training_Labels.csv", list(RFMID_COLUMNS), rows)
     index, rejects = _pack(tmp_path, tmp_path / "Training_Set", labels, "rfmid")
     assert rejects.height == 0
     index = index.sort(pl.col("id").cast(pl.Int64))

@@ -11,21 +11,27 @@ import polars as pl
 import pytest
 from PIL import Image, ImageFilter
 
-from retina_io import synth
-from retina_io.schema import CLASSES
-from retina_io.synth import (
-    CLASS_COLUMNS,
-    READABILITY_COLUMNS,
+from retina_io.presets import (
     RFMID_COLUMNS,
     RFMID_DISEASES,
     SYNFUNDUS_COLUMNS,
+    SYNFUNDUS_READABILITY,
+)
+from retina_io.presets import SYNFUNDUS_CLASS_COLUMNS as CLASS_COLUMNS
+from retina_io.schema import CLASSES
+from retina_io.synth import (
+    LAYOUTS,
+    RFMID_MAP,
+    SynthError,
     fundus_landmarks,
     generate_dataset,
-    main,
     render_fundus,
     sample_labels,
     write_preview,
 )
+from retina_io.synth.cli import main
+from retina_io.synth.labels import LabelArrays, external_names
+from retina_io.synth.layouts import plan_layout
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -58,11 +64,11 @@ def test_sample_labels_columns_and_consistency() -> None:
     assert all(re.fullmatch(r"synf_\d{7}\.jpg", f) for f in df["file_name"])
     assert set(df["dr_grade"].unique()) <= {0, 1, 2, 3, 4}
     assert set(df["eye_side"].unique()) == {"left", "right"}
-    for col in (*CLASS_COLUMNS.values(), *READABILITY_COLUMNS):
+    for col in (*CLASS_COLUMNS.values(), *SYNFUNDUS_READABILITY):
         assert set(df[col].unique()) <= {0, 1}, col
     # A non-fundus image is unreadable everywhere.
     nf = df.filter(pl.col("is_fundus") == 0)
-    assert (nf.select(READABILITY_COLUMNS[1:]).to_numpy() == 0).all()
+    assert (nf.select(SYNFUNDUS_READABILITY[1:]).to_numpy() == 0).all()
 
 
 def test_sample_labels_deterministic() -> None:
@@ -92,7 +98,7 @@ def test_sample_labels_prevalence_like_screening_data() -> None:
 
     assert corr("is_pm", "is_dm") > 0.2
     assert corr("is_htr", "is_rvo") > 0.05
-    for col in READABILITY_COLUMNS:
+    for col in SYNFUNDUS_READABILITY:
         assert 0.9 < df[col].mean() < 1.0, col
 
 
@@ -140,14 +146,14 @@ def test_render_accepts_synfundus_rows() -> None:
     by_column = render_fundus(row, size=64, seed=1)
     by_class = {c: row[col] for c, col in CLASS_COLUMNS.items()}
     by_class.update(dr_grade=row["dr_grade"], eye_side=row["eye_side"])
-    by_class.update({c: row[c] for c in READABILITY_COLUMNS})
+    by_class.update({c: row[c] for c in SYNFUNDUS_READABILITY})
     assert by_column.tobytes() == render_fundus(by_class, size=64, seed=1).tobytes()
 
 
 def test_render_rejects_bad_labels() -> None:
-    with pytest.raises(ValueError, match="dr_grade"):
+    with pytest.raises(SynthError, match="dr_grade"):
         render_fundus({"dr_grade": 7}, size=64, seed=0)
-    with pytest.raises(ValueError, match="eye_side"):
+    with pytest.raises(SynthError, match="eye_side"):
         render_fundus({"eye_side": "middle"}, size=64, seed=0)
 
 
@@ -246,59 +252,68 @@ def test_generate_is_byte_identical_across_runs_and_workers(tmp_path: Path) -> N
     assert _digest(c) != _digest(b)
 
 
-def _plan(layout: str, n: int, seed: int) -> synth._LabelArrays:
-    return synth._plan_layout(layout, n=n, seed=seed).labels
+def _plan(layout: str, n: int, seed: int) -> LabelArrays:
+    return plan_layout(layout, n=n, seed=seed).labels
+
+
+def _layout(out: Path, layout: str, n: int, images: str, seed: int = 2) -> tuple[Path, Path]:
+    """Generate ``layout`` into ``out``; returns its labels file and its image folder (which must exist)."""
+    labels = generate_dataset(out, n=n, size=48, seed=seed, workers=1, layout=layout, progress=False)
+    assert labels.parent == out and (out / images).is_dir()
+    assert sorted(p.name for p in out.iterdir()) == sorted([labels.name, images])
+    return labels, out / images
 
 
 def test_rfmid_layout(tmp_path: Path) -> None:
-    paths = synth.write_rfmid(tmp_path / "rfmid", n=40, size=48, seed=2, workers=1, progress=False)
-    assert paths.labels == tmp_path / "rfmid" / "labels.csv" and paths.images == tmp_path / "rfmid" / "images"
-    df = pl.read_csv(paths.labels)
+    labels, images = _layout(tmp_path / "rfmid", "rfmid", 40, "images")
+    assert labels.name == "labels.csv"
+    df = pl.read_csv(labels)
     assert df.columns == list(RFMID_COLUMNS) and len(RFMID_DISEASES) == 45
     assert df["ID"].to_list() == list(range(1, 41))
     for i in df["ID"]:
-        with Image.open(paths.images / f"{i}.png") as im:
+        with Image.open(images / f"{i}.png") as im:
             assert im.format == "PNG" and im.size == (48, 48)
     lab = _plan("rfmid", 40, 2)
-    for ours, theirs in synth.RFMID_MAP.items():
+    for ours, theirs in RFMID_MAP.items():
         assert df[theirs].to_list() == lab.classes[ours].tolist(), ours
     rvo = (df["BRVO"] + df["CRVO"]).to_numpy()
     assert rvo.tolist() == lab.classes["RVO"].tolist()
-    mapped = {*synth.RFMID_MAP.values(), "BRVO", "CRVO"}
+    mapped = {*RFMID_MAP.values(), "BRVO", "CRVO"}
     assert all(df[c].sum() == 0 for c in RFMID_DISEASES if c not in mapped)
     any_class = np.max([lab.classes[c] for c in CLASSES], axis=0)
     assert df["Disease_Risk"].to_list() == any_class.tolist()
 
 
 def test_airogs_layout(tmp_path: Path) -> None:
-    paths = synth.write_airogs(tmp_path / "airogs", n=12, size=48, seed=2, workers=1, progress=False)
-    df = pl.read_csv(paths.labels)
+    labels, images = _layout(tmp_path / "airogs", "airogs", 12, "images")
+    assert labels.name == "labels.csv"
+    df = pl.read_csv(labels)
     assert df.columns == ["challenge_id", "class"]
     assert df["challenge_id"].to_list() == [f"TRAIN{i:06d}" for i in range(12)]
     assert set(df["class"]) <= {"RG", "NRG"}
     assert (df["class"] == "RG").to_list() == (_plan("airogs", 12, 2).classes["GC"] == 1).tolist()
     for cid in df["challenge_id"]:
-        assert (paths.images / "0" / f"{cid}.jpg").is_file()
-    names = synth._external_names("airogs", 2001, np.random.default_rng(0))
+        assert (images / "0" / f"{cid}.jpg").is_file()
+    names = external_names("airogs", 2001, np.random.default_rng(0))
     assert names[999] == "0/TRAIN000999.jpg" and names[1000] == "1/TRAIN001000.jpg" and names[2000].startswith("2/")
 
 
 def test_aptos_layout(tmp_path: Path) -> None:
-    paths = synth.write_aptos(tmp_path / "aptos", n=12, size=48, seed=2, workers=1, progress=False)
-    assert paths.labels.name == "train.csv" and paths.images.name == "train_images"
-    df = pl.read_csv(paths.labels, schema_overrides={"id_code": pl.String})
+    labels, images = _layout(tmp_path / "aptos", "aptos", 12, "train_images")
+    assert labels.name == "train.csv"
+    df = pl.read_csv(labels, schema_overrides={"id_code": pl.String})
     assert df.columns == ["id_code", "diagnosis"]
     assert all(re.fullmatch(r"[0-9a-f]{12}", i) for i in df["id_code"]) and df["id_code"].n_unique() == 12
     assert df["diagnosis"].to_list() == _plan("aptos", 12, 2).dr_grade.tolist()
     for i in df["id_code"]:
-        with Image.open(paths.images / f"{i}.png") as im:
+        with Image.open(images / f"{i}.png") as im:
             assert im.format == "PNG"
 
 
 def test_eyepacs_layout(tmp_path: Path) -> None:
-    paths = synth.write_eyepacs(tmp_path / "eyepacs", n=10, size=48, seed=2, workers=1, progress=False)
-    assert paths.labels.name == "trainLabels.csv" and paths.images.name == "train"
-    df = pl.read_csv(paths.labels)
+    labels, folder = _layout(tmp_path / "eyepacs", "eyepacs", 10, "train")
+    assert labels.name == "trainLabels.csv"
+    df = pl.read_csv(labels)
     assert df.columns == ["image", "level"]
     images = df["image"].to_list()
     for k in range(0, 10, 2):  # consecutive samples: one patient, left then right
@@ -307,13 +322,13 @@ def test_eyepacs_layout(tmp_path: Path) -> None:
     assert len({i.split("_")[0] for i in images}) == 5
     assert df["level"].to_list() == _plan("eyepacs", 10, 2).dr_grade.tolist()
     for i in images:
-        assert (paths.images / f"{i}.jpeg").is_file()
+        assert (folder / f"{i}.jpeg").is_file()
 
 
 def test_messidor2_layout(tmp_path: Path) -> None:
-    paths = synth.write_messidor2(tmp_path / "m2", n=8, size=48, seed=2, workers=1, progress=False)
-    assert paths.labels.name == "messidor_data.csv" and paths.images.name == "IMAGES"
-    df = pl.read_csv(paths.labels)
+    labels, images = _layout(tmp_path / "m2", "messidor2", 8, "IMAGES")
+    assert labels.name == "messidor_data.csv"
+    df = pl.read_csv(labels)
     assert df.columns == ["id_code", "diagnosis", "adjudicated_dme", "adjudicated_gradable"]
     assert all(re.fullmatch(r"\d{8}_\d{5}_0[12]00_PP\.png", i) for i in df["id_code"])
     assert df["id_code"].n_unique() == 8
@@ -322,15 +337,34 @@ def test_messidor2_layout(tmp_path: Path) -> None:
     assert df["adjudicated_dme"].to_list() == lab.classes["DME"].tolist()
     assert df["adjudicated_gradable"].to_list() == [1] * 8
     for i in df["id_code"]:
-        assert (paths.images / i).is_file()
+        assert (images / i).is_file()
 
 
 def test_external_layout_uses_another_seed_stream(tmp_path: Path) -> None:
     syn = generate_dataset(tmp_path / "s", n=3, size=48, seed=4, workers=1, progress=False).parent
-    apt = synth.write_aptos(tmp_path / "a", n=3, size=48, seed=4, workers=1, progress=False)
+    _, apt = _layout(tmp_path / "a", "aptos", 3, "train_images", seed=4)
     syn_px = {_arr(Image.open(p)).tobytes() for p in (syn / "Fundus").iterdir()}
-    apt_px = {_arr(Image.open(p)).tobytes() for p in apt.images.iterdir()}
+    apt_px = {_arr(Image.open(p)).tobytes() for p in apt.iterdir()}
     assert not syn_px & apt_px
+
+
+# sha256 of each layout's label table for n=40, seed=0 (labels, names and extra columns; no pixels).
+_TABLE_SHA256 = {
+    "synfundus": "49f07a71c5d9503a282328faea05e0c69b40c970efa571743c82866e6fe8696b",
+    "rfmid": "c26ec3298a328ddfb3c50f399f03eb12d2329a56d80fa7284de19ffb1b78f77d",
+    "airogs": "3e833e467abf052d9de4b2bd23a22ee8d0abc35d9e1d8725d8e6544885695722",
+    "aptos": "ac44b98246f7c9bb65abd68db60870133d10c00cdc5ffac84ac25b52db8beded",
+    "eyepacs": "882c8e9dff0c28d2abde3959c37a3c574e03e967cb4dbd7d7c5df17da6dfc450",
+    "messidor2": "96f45a28005aeedd6a318e87794d174f4feed541f1226fb9f68345e41db03d66",
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_label_tables_are_unchanged_for_a_seed(layout: str) -> None:
+    """A published seed keeps its dataset: a changed digest means the label model, a seed stream or a layout's
+    names/columns changed, and every dataset generated before would differ. Update the digest only on purpose."""
+    table = plan_layout(layout, n=40, seed=0).table
+    assert hashlib.sha256(table.write_csv().encode()).hexdigest() == _TABLE_SHA256[layout]
 
 
 @pytest.mark.parametrize(
@@ -346,7 +380,7 @@ def test_external_layout_uses_another_seed_stream(tmp_path: Path) -> None:
 )
 def test_bad_arguments_name_the_argument(tmp_path: Path, kwargs: dict, flag: str) -> None:
     args = {"n": 2, "size": 48, "seed": 0, "workers": 1, "progress": False, **kwargs}
-    with pytest.raises(SystemExit, match=re.escape(flag)):
+    with pytest.raises(SynthError, match=re.escape(flag)):
         generate_dataset(tmp_path / "out", **args)
     assert not (tmp_path / "out").exists()  # nothing written for bad arguments
 
@@ -355,20 +389,20 @@ def test_refuses_a_non_empty_foreign_directory(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="--out"):
+    with pytest.raises(SynthError, match="--out"):
         generate_dataset(out, n=2, size=48, seed=0, workers=1, progress=False)
     assert (out / "notes.txt").read_text() == "mine"
     # A previous output of another layout is not ours to replace either.
     other = tmp_path / "other"
     generate_dataset(other, n=2, size=48, seed=0, workers=1, progress=False)
-    with pytest.raises(SystemExit, match="--out"):
+    with pytest.raises(SynthError, match="--out"):
         generate_dataset(other, n=2, size=48, seed=0, workers=1, progress=False, layout="aptos")
     # A real dataset's folder (non-square photographs) with the same file names is refused.
     real = tmp_path / "real"
     (real / "Fundus").mkdir(parents=True)
     Image.new("RGB", (60, 40)).save(real / "Fundus" / "synf_0000000.jpg")
     (real / "labels.csv").write_text(",".join(SYNFUNDUS_COLUMNS) + "\n")
-    with pytest.raises(SystemExit, match="--out"):
+    with pytest.raises(SynthError, match="--out"):
         generate_dataset(real, n=2, size=48, seed=0, workers=1, progress=False)
     assert (real / "Fundus" / "synf_0000000.jpg").is_file()
 
@@ -384,8 +418,24 @@ def test_main_cli_with_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with Image.open(prev) as im:
         assert im.format == "PNG"
         assert im.width == 4 * 48 and im.height > 12 * 48  # a healthy row + one row per class
-    with pytest.raises(SystemExit, match="--layout"):
-        main(["--out", str(tmp_path / "x"), "--n", "3", "--size", "48", "--seed", "1", "--layout", "nope"])
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(["--layout", "nope"], "--layout"), (["--n", "0"], "--n"), (["--size", "16"], "--size"), ([], "--out")],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], flag: str
+) -> None:
+    out = tmp_path / "x"
+    if flag == "--out":
+        out.write_text("a file, not a folder")
+    argv = ["--out", str(out), "--n", "3", "--size", "48", "--seed", "1", "--workers", "1", "--quiet", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"retina-synth: error: {flag} "), err
+    assert "Traceback" not in err[0]
+    assert out.is_file() if flag == "--out" else not out.exists()  # nothing written
 
 
 def test_write_preview_rows_differ_from_healthy(tmp_path: Path) -> None:
