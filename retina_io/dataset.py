@@ -68,8 +68,9 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def inside(folder: Path, rel, what: str, manifest: Path) -> Path:
-    """``folder / rel`` when ``rel`` is a relative path that stays inside ``folder`` once links are resolved.
+def resolve_inside(folder: Path, rel, what: str, manifest: Path) -> Path:
+    """The resolved ``folder / rel``, when ``rel`` is a relative path that stays inside ``folder`` once links are
+    resolved.
 
     Anything else (not a string, absolute, a ``..`` component, a link leading out) is a :class:`DatasetError` naming
     ``manifest`` and the entry ``what``."""
@@ -77,14 +78,14 @@ def inside(folder: Path, rel, what: str, manifest: Path) -> Path:
         raise DatasetError(f"{manifest}: {what} is not a relative path inside the dataset folder")
     if rel.startswith("/") or ".." in PurePosixPath(rel).parts:
         raise DatasetError(f"{manifest}: {what} leads outside the dataset folder {folder} (absolute or '..')")
-    full = folder / rel
     try:
-        contained = full.resolve().is_relative_to(folder.resolve())
+        real = (folder / rel).resolve()
+        contained = real.is_relative_to(folder.resolve())
     except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop
         raise DatasetError(f"{manifest}: {what} cannot be resolved ({exc})") from None
     if not contained:
         raise DatasetError(f"{manifest}: {what} is a link leading outside the dataset folder {folder}")
-    return full
+    return real
 
 
 def _check_manifest(folder: Path, path: Path, m: dict) -> None:
@@ -96,7 +97,7 @@ def _check_manifest(folder: Path, path: Path, m: dict) -> None:
     def bad(what: str) -> DatasetError:
         return DatasetError(f"{path}: {what}; run `retina-shard verify {folder}` or repack with `retina-shard pack`")
 
-    inside(folder, "manifest.json", "manifest.json", path)
+    resolve_inside(folder, "manifest.json", "manifest.json", path)
     k = m.get("k")
     if not _is_int(k) or k < 2:
         raise bad(f"k is {k!r}, not a fold count >= 2")
@@ -119,7 +120,7 @@ def _check_manifest(folder: Path, path: Path, m: dict) -> None:
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise bad("files is not a map of file name to sha256")
     for name in files:
-        inside(folder, name, f"files entry {name!r}", path)
+        resolve_inside(folder, name, f"files entry {name!r}", path)
     shards = m.get("shards")
     if not isinstance(shards, list):
         raise bad("shards is not a list")
@@ -130,10 +131,12 @@ def _check_manifest(folder: Path, path: Path, m: dict) -> None:
             raise bad(f"{where} is not an object with {', '.join(SHARD_FIELDS)}")
         for field, suffix in (("path", ".tar"), ("index", ".idx")):
             rel = s[field]
-            inside(folder, rel, f"{where}.{field} {rel!r}", path)
-            if not rel.endswith(suffix) or rel in named:
-                raise bad(f"{where}.{field} {rel!r} does not end in {suffix} or is named twice")
-            named.add(rel)
+            real = resolve_inside(folder, rel, f"{where}.{field} {rel!r}", path)
+            if not rel.endswith(suffix):
+                raise bad(f"{where}.{field} {rel!r} does not end in {suffix}")
+            if real in named:  # resolved: another spelling of a path, or a link, is the same file
+                raise bad(f"{where}.{field} {rel!r} names a file named before")
+            named.add(real)
         where = f"{where} ({s['path']})"
         if not _is_int(s["fold"]) or not 0 <= s["fold"] < k:
             raise bad(f"{where} is in fold {s['fold']!r}, outside the folds 0..{k - 1} of k={k}")
@@ -205,7 +208,7 @@ class PackedDataset:
         path = self.root / "index.parquet"
         if not path.is_file():
             raise DatasetError(f"{path} is missing; run `retina-shard verify {self.root}`")
-        inside(self.root, "index.parquet", "index.parquet", self.root / "manifest.json")
+        resolve_inside(self.root, "index.parquet", "index.parquet", self.root / "manifest.json")
         try:
             df = pl.read_parquet(path)
         except (OSError, pl.exceptions.PolarsError) as exc:
