@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retina_io.schema import parse_key
+from retina_io.schema import KEY_WIDTH
 
 IDX_VERSION = "v1.2"
 BLOCK = 512
@@ -29,16 +30,18 @@ class MemberError(ValueError):
     """A tar member (or ``.idx`` entry) that is not a regular file named ``KEY.EXT`` of shard format v1."""
 
 
+_MEMBER = re.compile(rf"([0-9]{{{KEY_WIDTH}}})\.({'|'.join(MEMBER_EXTENSIONS)})")
+
+
 def split_member(name: str) -> tuple[str, str]:
     """``"000000012.jpg"`` -> ``("000000012", "jpg")``; a directory part, another key or extension is refused."""
-    key, dot, ext = name.partition(".")
-    if not dot or ext not in MEMBER_EXTENSIONS:
+    match = _MEMBER.fullmatch(name)
+    if match is None:
+        key, dot, ext = name.partition(".")
+        if dot and ext in MEMBER_EXTENSIONS:
+            raise MemberError(f"member {name!r}: its key {key!r} is not {KEY_WIDTH} decimal digits")
         raise MemberError(f"member {name!r} is not KEY.EXT with EXT one of {', '.join(MEMBER_EXTENSIONS)}")
-    try:
-        parse_key(key)
-    except ValueError:
-        raise MemberError(f"member {name!r}: its key {key!r} is not 9 decimal digits") from None
-    return key, ext
+    return match.group(1), match.group(2)
 
 
 class _HashingWriter:
