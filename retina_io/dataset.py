@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from retina_io.errors import RetinaError
-from retina_io.schema import CLASSES, KEY_WIDTH
+from retina_io.schema import CLASSES, KEY_WIDTH, NUM_CLASSES
 from retina_io.tario import MemberError, read_idx
 
 FORMAT_NAME = "retina-shards"
@@ -46,8 +46,8 @@ def load_manifest(folder: Path) -> dict:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); repack with `retina-shard pack`") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise DatasetError(f"{path} is not valid JSON ({exc}); repack with `retina-shard pack`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path} is not a retina shard manifest; pack the data with `retina-shard pack`")
     if manifest.get("version") != FORMAT_VERSION:
@@ -240,8 +240,8 @@ class PackedDataset:
     def check_dali_indexes(self, shards: Sequence[ShardEntry]) -> None:
         """The ``.idx`` files a DALI reader follows (it takes member names and offsets from them, not from the tar).
 
-        Each must list the manifest's number of samples, each sample one image (``jpg`` or ``png``), ``labels`` and
-        ``json`` under one ``KEY``, inside the tar; no key twice. Cheap: no tar is read."""
+        Each must list the manifest's number of samples, each sample one image (``jpg`` or ``png``), ``labels`` (11
+        bytes) and ``json`` under one ``KEY``, inside the tar; no key twice. Cheap: no tar is read."""
         seen: dict[str, Path] = {}
         for s in shards:
             hint = f"run `retina-shard verify {self.root}`"
@@ -260,6 +260,8 @@ class PackedDataset:
                     raise DatasetError(
                         f"DALI index {s.idx}: sample {key} has {exts}, not jpg|png, json, labels; {hint}"
                     )
+                if next(size for name, _, size in members if name.endswith(".labels")) != NUM_CLASSES:
+                    raise DatasetError(f"DALI index {s.idx}: sample {key}'s labels are not {NUM_CLASSES} bytes; {hint}")
                 if key in seen:
                     raise DatasetError(f"DALI index {s.idx}: key {key} is also in {seen[key]}; {hint}")
                 seen[key] = s.idx

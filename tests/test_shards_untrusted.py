@@ -174,6 +174,14 @@ def test_symlinked_fold_folder_leading_outside(ds):
         PackedDataset.open(ds)
 
 
+def test_link_loop(ds, capsys):
+    (ds / SHARD).unlink()
+    (ds / SHARD).symlink_to(SHARD.split("/")[1])  # itself
+    with pytest.raises(DatasetError, match=r"shards\[0\]\.path 'fold0/000000.tar' cannot be resolved"):
+        PackedDataset.open(ds)
+    _cli_verify_fails(ds, capsys, SHARD)
+
+
 def test_links_inside_the_folder_are_fine(ds, tmp_path):
     """A linked dataset folder, or a shard linked to a file inside the folder, reads and verifies as before."""
     (ds / "store").mkdir()
@@ -270,6 +278,7 @@ def test_manifest_edits_refused_at_open_and_by_verify(ds, capsys, edit):
         ("[1, 2]", "is not a retina shard manifest"),
         ('"retina-shards"', "is not a retina shard manifest"),
         ("\udcff", "is not valid JSON"),
+        ("[" * 100_000, "is not valid JSON"),
     ],
 )
 def test_manifest_not_json_or_not_an_object(ds, capsys, text, message):
@@ -425,6 +434,11 @@ def test_idx_that_disagrees_with_the_manifest(ds):
         _load(ds, "dali")
     (ds / IDX).write_text("\n".join([*lines[:2], lines[1], *lines[3:]]) + "\n")  # one sample twice
     with pytest.raises(DatasetError, match=r"key \d{9} is also in"):
+        _load(ds, "dali")
+    parts = lines[1].split()
+    parts[parts.index("labels") + 2] = "12"  # a labels member of 12 bytes
+    (ds / IDX).write_text("\n".join([lines[0], " ".join(parts), *lines[2:]]) + "\n")
+    with pytest.raises(DatasetError, match="labels are not 11 bytes"):
         _load(ds, "dali")
 
 
