@@ -5,6 +5,9 @@ directly). Keys travel through DALI as the reader's *source info* of the ``label
 (``"<tar>:<offset>:<KEY>.labels"``): no extra shard component and no JSON parsing per sample. With
 ``pad_last_batch=True`` DALI pads every rank's part to the same number of batches by repeating the part's last sample;
 a repeated key within a rank's epoch is a padded row and gets key -1.
+
+DALI takes member names and offsets from the ``.idx`` files, so those are checked when the loader is built
+(:meth:`retina_io.dataset.PackedDataset.check_dali_indexes`); a bad key or a short epoch is a :class:`DatasetError`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from retina_io.dataset import DatasetError
 from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed
 from retina_io.schema import parse_key
 
@@ -128,8 +132,11 @@ def _uniform(fn, lo: float, hi: float):
 
 def _key_of(source_info: str) -> int:
     # "<tar path>:<offset>:<KEY>.labels" -> KEY (the tar path may itself contain ':'; the member name is last)
-    member = source_info.rsplit(":", 1)[-1]
-    return parse_key(member.split(".", 1)[0])
+    tar, _, member = source_info.rpartition(":")
+    try:
+        return parse_key(member.split(".", 1)[0])
+    except ValueError as exc:
+        raise DatasetError(f"shard {tar.rpartition(':')[0]}: member {member!r}: {exc}") from None
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:
@@ -149,6 +156,7 @@ class DaliLoader(EpochPlan):
 
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
+        self.dataset.check_dali_indexes(self.shards)
         self._pipe = None
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
@@ -180,7 +188,7 @@ class DaliLoader(EpochPlan):
             y = torch.from_numpy(labels.as_array()).to(self.device, non_blocking=True).float()
             yield Batch(x, y, torch.from_numpy(keys).to(self.device, non_blocking=True))
         if len(seen) != self.num_samples:
-            raise RuntimeError(
+            raise DatasetError(
                 f"rank {cfg.rank} saw {len(seen)} distinct samples in epoch {epoch}, expected {self.num_samples}: "
                 f"run `retina-shard verify {cfg.data}`"
             )

@@ -3,6 +3,12 @@
 Every reader (the DALI pipeline, the fallback loader, verification, training, stacking) opens a dataset through
 :meth:`PackedDataset.open`, so a folder that is not shard format v1, a version mismatch, a fold out of range, a fold
 with no shards or a missing ``.idx`` is one clear :class:`DatasetError` naming the path and what to run.
+
+A dataset is untrusted input (copied from elsewhere, edited, damaged). Opening checks the manifest, cheaply (no tar is
+read): every path it names (a shard's ``path`` and ``index``, the ``files`` entries) stays inside the dataset folder
+(relative, no ``..``, no link leading out), and ``k``, each shard's fold, the per-fold counts and ``accepted`` agree.
+:meth:`PackedDataset.index` checks the index against them (folds, per-fold counts, keys); :func:`check_dali_indexes`
+checks the ``.idx`` files a DALI reader follows; ``retina-shard verify`` re-reads every tar.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import polars as pl
 
 from retina_io.errors import RetinaError
-from retina_io.schema import CLASSES
+from retina_io.schema import CLASSES, KEY_WIDTH, NUM_CLASSES
+from retina_io.tario import MemberError, read_idx
 
 FORMAT_NAME = "retina-shards"
 FORMAT_VERSION = 1
@@ -38,8 +46,8 @@ def load_manifest(folder: Path) -> dict:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DatasetError(f"{path} is not valid JSON ({exc}); repack with `retina-shard pack`") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise DatasetError(f"{path} is not valid JSON ({exc}); repack with `retina-shard pack`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path} is not a retina shard manifest; pack the data with `retina-shard pack`")
     if manifest.get("version") != FORMAT_VERSION:
@@ -47,9 +55,100 @@ def load_manifest(folder: Path) -> dict:
             f"{folder} is shard format v{manifest.get('version')}, this retina reads v{FORMAT_VERSION}; repack it "
             "with this version's `retina-shard pack`"
         )
-    if tuple(manifest.get("classes", ())) != CLASSES:
+    if manifest.get("classes") != list(CLASSES):
         raise DatasetError(f"{path}: classes {manifest.get('classes')} differ from {list(CLASSES)}")
+    _check_manifest(folder, path, manifest)
     return manifest
+
+
+SHARD_FIELDS = ("path", "fold", "samples", "bytes", "sha256", "index")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def resolve_inside(folder: Path, rel, what: str, manifest: Path) -> Path:
+    """The resolved ``folder / rel``, when ``rel`` is a relative path that stays inside ``folder`` once links are
+    resolved.
+
+    Anything else (not a string, absolute, a ``..`` component, a link leading out) is a :class:`DatasetError` naming
+    ``manifest`` and the entry ``what``."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        raise DatasetError(f"{manifest}: {what} is not a relative path inside the dataset folder")
+    if rel.startswith("/") or ".." in PurePosixPath(rel).parts:
+        raise DatasetError(f"{manifest}: {what} leads outside the dataset folder {folder} (absolute or '..')")
+    try:
+        real = (folder / rel).resolve()
+        contained = real.is_relative_to(folder.resolve())
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop
+        raise DatasetError(f"{manifest}: {what} cannot be resolved ({exc})") from None
+    if not contained:
+        raise DatasetError(f"{manifest}: {what} is a link leading outside the dataset folder {folder}")
+    return real
+
+
+def _check_manifest(folder: Path, path: Path, m: dict) -> None:
+    """The manifest's own consistency: paths inside ``folder``; ``k``, shard folds, per-fold counts and totals agree.
+
+    A manifest without shards (an index-only dataset, e.g. to stack OOF predictions) is allowed; its loaders then
+    refuse every fold for having no shards."""
+
+    def bad(what: str) -> DatasetError:
+        return DatasetError(f"{path}: {what}; run `retina-shard verify {folder}` or repack with `retina-shard pack`")
+
+    resolve_inside(folder, "manifest.json", "manifest.json", path)
+    k = m.get("k")
+    if not _is_int(k) or k < 2:
+        raise bad(f"k is {k!r}, not a fold count >= 2")
+    present = m.get("classes_present")
+    if (
+        not isinstance(present, list)
+        or not all(isinstance(c, str) and c in CLASSES for c in present)
+        or len(set(present)) != len(present)
+    ):
+        raise bad(f"classes_present {present!r} is not a list of distinct classes of {list(CLASSES)}")
+    if not isinstance(m.get("preset"), str):
+        raise bad("preset is missing")
+    counts = m.get("counts")
+    per_fold = counts.get("per_fold") if isinstance(counts, dict) else None
+    if not isinstance(per_fold, list) or len(per_fold) != k or not all(_is_int(n) and n >= 1 for n in per_fold):
+        raise bad(f"counts.per_fold {per_fold!r} is not one sample count >= 1 per fold of k={k}")
+    if not _is_int(counts.get("accepted")) or counts["accepted"] != sum(per_fold):
+        raise bad(f"counts.accepted {counts.get('accepted')!r} is not the sum of counts.per_fold ({sum(per_fold)})")
+    files = m.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise bad("files is not a map of file name to sha256")
+    for name in files:
+        resolve_inside(folder, name, f"files entry {name!r}", path)
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards is not a list")
+    held, named = [0] * k, set()
+    for i, s in enumerate(shards):
+        where = f"shards[{i}]"
+        if not isinstance(s, dict) or any(f not in s for f in SHARD_FIELDS):
+            raise bad(f"{where} is not an object with {', '.join(SHARD_FIELDS)}")
+        for field, suffix in (("path", ".tar"), ("index", ".idx")):
+            rel = s[field]
+            real = resolve_inside(folder, rel, f"{where}.{field} {rel!r}", path)
+            if not rel.endswith(suffix):
+                raise bad(f"{where}.{field} {rel!r} does not end in {suffix}")
+            if real in named:  # resolved: another spelling of a path, or a link, is the same file
+                raise bad(f"{where}.{field} {rel!r} names a file named before")
+            named.add(real)
+        where = f"{where} ({s['path']})"
+        if not _is_int(s["fold"]) or not 0 <= s["fold"] < k:
+            raise bad(f"{where} is in fold {s['fold']!r}, outside the folds 0..{k - 1} of k={k}")
+        if not _is_int(s["samples"]) or s["samples"] < 1 or not _is_int(s["bytes"]) or s["bytes"] < 0:
+            raise bad(f"{where} has samples {s['samples']!r} and bytes {s['bytes']!r}, not counts")
+        if not isinstance(s["sha256"], str):
+            raise bad(f"{where} has no sha256")
+        held[s["fold"]] += s["samples"]
+    for fold, (n, want) in enumerate(zip(held, per_fold, strict=True)):
+        if shards and n != want:
+            what = "has no shards" if n == 0 else f"has shards holding {n} samples"
+            raise bad(f"fold {fold} {what}, but counts.per_fold says {want}")
 
 
 @dataclass(frozen=True)
@@ -105,10 +204,64 @@ class PackedDataset:
         return out
 
     def index(self, folds: Sequence[int] | None = None) -> pl.DataFrame:
+        """``index.parquet`` (the rows of ``folds``, or all), checked against the manifest: folds, counts, keys."""
         path = self.root / "index.parquet"
         if not path.is_file():
             raise DatasetError(f"{path} is missing; run `retina-shard verify {self.root}`")
-        df = pl.read_parquet(path)
+        resolve_inside(self.root, "index.parquet", "index.parquet", self.root / "manifest.json")
+        try:
+            df = pl.read_parquet(path)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise DatasetError(f"{path} cannot be read ({exc}); run `retina-shard verify {self.root}`") from None
+        self._check_index(path, df)
         if folds is not None:
             df = df.filter(pl.col("fold").is_in(self.check_folds(folds)))
         return df
+
+    def _check_index(self, path: Path, df: pl.DataFrame) -> None:
+        hint = f"run `retina-shard verify {self.root}`"
+        missing = [c for c in ("key", "fold", *CLASSES) if c not in df.columns]
+        if missing:
+            raise DatasetError(f"{path} lacks the columns {missing}; {hint}")
+        folds, want = df["fold"], self.manifest["counts"]["per_fold"]
+        if not folds.dtype.is_integer() or folds.null_count() or not folds.is_between(0, self.k - 1).all():
+            raise DatasetError(
+                f"{path}: its folds are not all in 0..{self.k - 1} (k={self.k} in manifest.json); {hint}"
+            )
+        per_fold = np.bincount(folds.to_numpy(), minlength=self.k).tolist()
+        if per_fold != want:
+            raise DatasetError(f"{path}: samples per fold {per_fold} differ from manifest.json's {want}; {hint}")
+        keys = df["key"]
+        if keys.dtype != pl.String or keys.null_count() or not keys.str.contains(f"^[0-9]{{{KEY_WIDTH}}}$").all():
+            raise DatasetError(f"{path}: not every key is {KEY_WIDTH} decimal digits; {hint}")
+        if keys.n_unique() != df.height:
+            raise DatasetError(f"{path} has duplicate keys; {hint}")
+
+    def check_dali_indexes(self, shards: Sequence[ShardEntry]) -> None:
+        """The ``.idx`` files a DALI reader follows (it takes member names and offsets from them, not from the tar).
+
+        Each must list the manifest's number of samples, each sample one image (``jpg`` or ``png``), ``labels`` (11
+        bytes) and ``json`` under one ``KEY``, inside the tar; no key twice. Cheap: no tar is read."""
+        seen: dict[str, Path] = {}
+        for s in shards:
+            hint = f"run `retina-shard verify {self.root}`"
+            try:
+                samples = read_idx(s.idx, s.tar.stat().st_size)
+            except MemberError as exc:
+                raise DatasetError(f"DALI index {s.idx}: {exc}; {hint}") from None
+            if len(samples) != s.samples:
+                raise DatasetError(
+                    f"DALI index {s.idx} lists {len(samples)} samples, manifest.json {s.samples}; {hint}"
+                )
+            for members in samples:
+                key = members[0][0].partition(".")[0]
+                exts = sorted(name.partition(".")[2] for name, _, _ in members)
+                if exts not in (["jpg", "json", "labels"], ["json", "labels", "png"]):
+                    raise DatasetError(
+                        f"DALI index {s.idx}: sample {key} has {exts}, not jpg|png, json, labels; {hint}"
+                    )
+                if next(size for name, _, size in members if name.endswith(".labels")) != NUM_CLASSES:
+                    raise DatasetError(f"DALI index {s.idx}: sample {key}'s labels are not {NUM_CLASSES} bytes; {hint}")
+                if key in seen:
+                    raise DatasetError(f"DALI index {s.idx}: key {key} is also in {seen[key]}; {hint}")
+                seen[key] = s.idx

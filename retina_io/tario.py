@@ -3,19 +3,45 @@
 Members are plain files with fixed metadata (mtime 0, uid/gid 0, no owner names, mode 0644, ustar format), so the
 same samples always give the same bytes. The ``.idx`` is exactly what DALI's ``wds2idx`` writes for the tar:
 ``v1.2 <samples>`` then one line per sample, ``<ext> <data offset> <size> <member name>`` per component.
+
+Reading treats a shard as untrusted input: every member must be a regular file named ``KEY.EXT`` (``KEY`` the format's
+9-digit key, ``EXT`` one of :data:`MEMBER_EXTENSIONS`, no directory part); anything else is a :class:`MemberError`
+naming the member, which readers turn into a ``DatasetError`` naming the shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retina_io.schema import KEY_WIDTH
+
 IDX_VERSION = "v1.2"
 BLOCK = 512
+MEMBER_EXTENSIONS = ("jpg", "png", "labels", "json")  # docs/contracts.md, contract 2
+
+
+class MemberError(ValueError):
+    """A tar member (or ``.idx`` entry) that is not a regular file named ``KEY.EXT`` of shard format v1."""
+
+
+_MEMBER = re.compile(rf"([0-9]{{{KEY_WIDTH}}})\.({'|'.join(MEMBER_EXTENSIONS)})")
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """``"000000012.jpg"`` -> ``("000000012", "jpg")``; a directory part, another key or extension is refused."""
+    match = _MEMBER.fullmatch(name)
+    if match is None:
+        key, dot, ext = name.partition(".")
+        if dot and ext in MEMBER_EXTENSIONS:
+            raise MemberError(f"member {name!r}: its key {key!r} is not {KEY_WIDTH} decimal digits")
+        raise MemberError(f"member {name!r} is not KEY.EXT with EXT one of {', '.join(MEMBER_EXTENSIONS)}")
+    return match.group(1), match.group(2)
 
 
 class _HashingWriter:
@@ -115,6 +141,8 @@ class TarSample:
 def iter_tar(path: Path, *, sha=None) -> Iterator[tuple[TarSample, list[tuple[str, int, int]]]]:
     """Read a shard back: samples in tar order (components grouped by key), with each member's (name, offset, size).
 
+    A member that is not a regular ``KEY.EXT`` file, or a component twice in one sample, is a :class:`MemberError`.
+
     With ``sha`` (a ``hashlib`` object) every byte of the file goes through it on the same single pass, end-of-archive
     blocks included once the iteration is done — a verifier reads each tar once, not once to hash and once to parse.
     """
@@ -125,15 +153,16 @@ def iter_tar(path: Path, *, sha=None) -> Iterator[tuple[TarSample, list[tuple[st
         with tarfile.open(fileobj=reader or raw, mode="r|" if reader else "r:") as tar:
             for info in tar:
                 if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
+                    raise MemberError(f"member {info.name!r} is not a regular file (tar type {info.type!r})")
+                key, ext = split_member(info.name)
                 data = tar.extractfile(info).read()
                 if current is not None and key != current.key:
                     yield current, members
                     current, members = None, []
                 if current is None:
                     current = TarSample(key, {})
+                if ext in current.components:
+                    raise MemberError(f"member {info.name!r} appears twice in one sample")
                 current.components[ext] = data
                 members.append((info.name, info.offset_data, info.size))
         if current is not None:
@@ -152,6 +181,37 @@ def idx_text(samples: list[list[tuple[str, int, int]]]) -> str:
             parts.append(f"{ext} {offset} {size} {name}")
         lines.append(" ".join(parts) + "\n")
     return "".join(lines)
+
+
+def read_idx(path: Path, tar_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """Parse a DALI ``.idx``: per sample, its members as (name, data offset, size), every entry checked.
+
+    Each member is ``KEY.EXT`` (:func:`split_member`), its extension the one the line names, one key per sample, each
+    extension once, and its bytes inside the tar (``tar_bytes`` long); anything else is a :class:`MemberError`.
+    """
+    lines = Path(path).read_text(encoding="ascii", errors="replace").splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise MemberError(f"the first line is not '{IDX_VERSION} <samples>' for its {max(len(lines) - 1, 0)} samples")
+    samples = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if not parts or len(parts) % 4:
+            raise MemberError(f"line {n} is not '<ext> <offset> <size> <member>' per component")
+        members, keys = [], set()
+        for ext, offset, size, name in zip(parts[::4], parts[1::4], parts[2::4], parts[3::4], strict=True):
+            key, own_ext = split_member(name)
+            if own_ext != ext or not offset.isdigit() or not size.isdigit():
+                raise MemberError(f"line {n}: entry '{ext} {offset} {size} {name}' is malformed")
+            if int(offset) + int(size) > tar_bytes:
+                raise MemberError(f"line {n}: member {name!r} lies beyond the tar's {tar_bytes} bytes")
+            keys.add(key)
+            members.append((name, int(offset), int(size)))
+        exts = parts[::4]
+        if len(keys) != 1 or len(set(exts)) != len(exts):
+            raise MemberError(f"line {n} names several keys or one extension twice: {line.strip()!r}")
+        samples.append(members)
+    return samples
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:

@@ -5,6 +5,11 @@ number of samples, each with one image (``jpg`` or ``png``), ``json`` and an 11-
 and labels are those of ``index.parquet`` for that shard (classes the dataset does not label are 0 in the bytes and
 null in the index); the ``.idx`` beside it is exactly what ``wds2idx`` would write. Also the index and rejects files
 against their recorded sha256, and the manifest's counts against the index.
+
+The dataset is untrusted input: opening it checks every manifest path and the manifest's fold counts
+(:meth:`retina_io.dataset.PackedDataset.open`); here, every tar member must be a regular file named ``KEY.EXT`` with
+the format's key and an allowed extension (a member elsewhere, a link or a folder is named with its shard), each index
+row's fold and shard must be its shard's, and the manifest must record the sha256 of the index and rejects files.
 """
 
 from __future__ import annotations
@@ -18,9 +23,15 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from retina_io.dataset import DatasetError, load_manifest
+from retina_io.dataset import DatasetError, PackedDataset
 from retina_io.schema import CLASSES, decode_labels
-from retina_io.tario import idx_text, iter_tar, sha256_file
+from retina_io.tario import MemberError, idx_text, iter_tar, sha256_file
+
+RECORDED_FILES = ("index.parquet", "rejects.parquet")
+
+
+class _MemberRefused(DatasetError):
+    """A member that breaks the format's naming rules: reported as such even when the checksum differs too."""
 
 
 @dataclass
@@ -33,17 +44,29 @@ class VerifyReport:
 def verify(folder: Path, *, progress: bool = True) -> VerifyReport:
     """Verify ``folder``; raise :class:`DatasetError` naming the first problem."""
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    for name, digest in manifest["files"].items():
+    ds = PackedDataset.open(folder)
+    manifest = ds.manifest
+    files = manifest.get("files", {})
+    unrecorded = [name for name in RECORDED_FILES if name not in files]
+    if unrecorded:
+        raise DatasetError(
+            f"{folder / 'manifest.json'}: files records no sha256 of {unrecorded}; repack with `retina-shard pack`"
+        )
+    for name, digest in files.items():
         p = folder / name
         if not p.is_file():
             raise DatasetError(f"{p} is missing; repack with `retina-shard pack`")
         if sha256_file(p) != digest:
             raise DatasetError(f"{p} does not match its sha256 in manifest.json; repack with `retina-shard pack`")
-    index = pl.read_parquet(folder / "index.parquet")
-    by_shard = {s: df for (s,), df in index.group_by("shard", maintain_order=True)}
-    total = nbytes = 0
+    index = ds.index()
+    if "shard" not in index.columns:
+        raise DatasetError(f"{folder / 'index.parquet'} lacks the column 'shard'; repack with `retina-shard pack`")
     shards = manifest["shards"]
+    by_shard = {s: df for (s,), df in index.group_by("shard", maintain_order=True)}
+    stray = sorted(set(by_shard) - {s["path"] for s in shards}, key=str)
+    if stray:
+        raise DatasetError(f"{folder / 'index.parquet'} names shard {stray[0]!r}, which manifest.json does not list")
+    total = nbytes = 0
     for entry in tqdm(shards, desc="verify shards", unit="shard", disable=not progress):
         _verify_shard(folder, entry, by_shard.get(entry["path"]))
         total += entry["samples"]
@@ -53,9 +76,6 @@ def verify(folder: Path, *, progress: bool = True) -> VerifyReport:
             f"{folder}: shards hold {total} samples, index.parquet {index.height}, manifest says "
             f"{manifest['counts']['accepted']}"
         )
-    per_fold = index.group_by("fold").len().sort("fold")["len"].to_list()
-    if per_fold != manifest["counts"]["per_fold"]:
-        raise DatasetError(f"{folder}: samples per fold {per_fold} differ from the manifest's")
     return VerifyReport(len(shards), total, nbytes)
 
 
@@ -68,10 +88,14 @@ def _verify_shard(folder: Path, entry: dict, rows: pl.DataFrame | None) -> None:
         raise DatasetError(f"{where} has {tar.stat().st_size} bytes, manifest says {entry['bytes']}")
     if rows is None:
         raise DatasetError(f"{where} has no rows in index.parquet")
+    if not (rows["fold"] == entry["fold"]).all():
+        raise DatasetError(f"{where} is in fold {entry['fold']}, but index.parquet puts some of its rows elsewhere")
     sha = hashlib.sha256()
     corrupt = DatasetError(f"{where} does not match its sha256 in manifest.json (corrupt or modified)")
     try:
         keys, members_all = _parse_shard(tar, where, entry, rows, sha)
+    except _MemberRefused:
+        raise
     except DatasetError as exc:  # a damaged tar fails to parse first; its checksum is the clearer report
         if sha256_file(tar) != entry["sha256"]:  # the digest so far is partial: hash the file afresh
             raise corrupt from exc
@@ -118,7 +142,12 @@ def _parse_shard(tar: Path, where: str, entry: dict, rows: pl.DataFrame, sha) ->
                         f"{where}: sample {sample.key} labels {list(raw)} differ from index.parquet "
                         f"{expected_labels[i].tolist()}"
                     )
-                doc = json.loads(comps["json"])
+                try:
+                    doc = json.loads(comps["json"])
+                except ValueError:
+                    doc = None
+                if not isinstance(doc, dict):
+                    raise DatasetError(f"{where}: sample {sample.key}: its json component is not a JSON object")
                 if doc.get("key") != sample.key or doc.get("fold") != entry["fold"]:
                     raise DatasetError(
                         f"{where}: sample {sample.key} json names key {doc.get('key')} fold {doc.get('fold')}"
@@ -127,6 +156,8 @@ def _parse_shard(tar: Path, where: str, entry: dict, rows: pl.DataFrame, sha) ->
             members_all.append(members)
     except DatasetError:
         raise
+    except MemberError as exc:
+        raise _MemberRefused(f"{where}: {exc}; a shard holds only KEY.jpg|png, KEY.labels and KEY.json files") from None
     except Exception as exc:
         raise DatasetError(f"{where} cannot be read as a tar ({exc})") from exc
     return keys, members_all
