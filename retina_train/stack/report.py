@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from retina_train.stack.metrics import MACRO, METRIC_LABELS, METRICS  # noqa: E402
+from retina_train.stack.metrics import F1_AVERAGES, MACRO, METRIC_LABELS, METRICS, MICRO  # noqa: E402
 from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,36 @@ def _lookup(scores: pl.DataFrame) -> dict[tuple[str, str, str], tuple[float, flo
     }
 
 
+def f1_markdown(scores: pl.DataFrame, *, ci: float = 0.95) -> str:
+    """F1 of every row the three ways (macro, micro, sample-based), each at 0.5 and at the tuned thresholds, with
+    CIs; empty when ``scores`` has no micro rows."""
+    look = _lookup(scores)
+    rows = _row_order(scores)
+    if not rows or (rows[0], MICRO, "f1") not in look:
+        return ""
+    cols = [(avg, m) for avg in F1_AVERAGES for m in ("f1_05", "f1")]
+    header = ["row", *(f"{'sample' if avg == 'samples' else avg}-{METRIC_LABELS[m]}" for avg, m in cols)]
+    return "\n".join(
+        [
+            f"### F1 three ways ({ci:.0%} bootstrap interval)",
+            "",
+            _table(header, [[r, *(_fmt(*look[(r, avg, m)]) for avg, m in cols)] for r in rows]),
+            "",
+            "Macro: the mean of the classes' F1. Micro: one F1 from the true/false positives and false negatives "
+            "pooled over the classes. Sample-based: each sample's F1 over its classes, averaged over the samples (a "
+            "sample with no label and no prediction counts 1).",
+            "",
+        ]
+    )
+
+
 def scores_markdown(scores: pl.DataFrame, classes: Sequence[str], *, meta_row: str, ci: float = 0.95) -> str:
-    """Three tables: macro scores per row with CIs; AUC per class and row; the meta-learner per class with CIs."""
+    """Four tables: macro scores per row with CIs; F1 macro, micro and sample-based per row with CIs; AUC per class
+    and row; the meta-learner per class with CIs."""
     look = _lookup(scores)
     rows = _row_order(scores)
     pct = f"{ci:.0%}"
+    f1 = f1_markdown(scores, ci=ci)
     parts = [
         f"### Macro scores (mean over {len(classes)} classes; {pct} bootstrap interval)",
         "",
@@ -76,6 +101,7 @@ def scores_markdown(scores: pl.DataFrame, classes: Sequence[str], *, meta_row: s
             [[r, *(_fmt(*look[(r, MACRO, m)]) for m in METRICS)] for r in rows],
         ),
         "",
+        *([f1] if f1 else []),
         "### AUC per class",
         "",
         _table(
