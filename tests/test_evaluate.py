@@ -80,7 +80,7 @@ def test_zero_shot_on_external_layouts(trained, layout, expected):
     assert sorted(result.predictions["key"].to_list()) == sorted(index["key"].to_list())
     rows = set(result.scores["model"].unique().to_list())
     assert rows == {*BACKBONES, "mean of backbones", "meta-learner"}
-    assert set(result.scores["class"].unique().to_list()) == {*expected, "macro"}
+    assert set(result.scores["class"].unique().to_list()) == {*expected, "macro", "micro", "samples"}
     for name in (
         "report.md",
         "roc.png",

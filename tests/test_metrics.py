@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
 
 from retina_train.stack import metrics
-from retina_train.stack.metrics import MACRO, Scored
+from retina_train.stack.metrics import MACRO, MICRO, SAMPLES, Scored
 
 
 def _data(n: int, c: int = 3, seed: int = 0, ties: bool = False):
@@ -59,7 +59,39 @@ def test_point_scores_equal_sklearn():
         assert look[(c, "specificity")] == pytest.approx(recall_score(1 - y[:, j], 1 - tuned[:, j]))
     for m in metrics.METRICS:
         assert look[(MACRO, m)] == pytest.approx(np.mean([look[(c, m)] for c in "ABCD"]))
+    for m, yhat in (("f1_05", p >= 0.5), ("f1", tuned)):
+        assert look[(MACRO, m)] == pytest.approx(f1_score(y, yhat, average="macro"))
+        assert look[(MICRO, m)] == pytest.approx(f1_score(y, yhat, average="micro"))
+        assert look[(SAMPLES, m)] == pytest.approx(f1_score(y, yhat, average="samples", zero_division=1))
+    assert abs(look[(SAMPLES, "f1")] - look[(MICRO, "f1")]) > 0.05  # not the same number under another name
+    assert not table.filter(pl.col("class").is_in([MICRO, SAMPLES]) & ~pl.col("metric").is_in(["f1", "f1_05"])).height
     assert table.filter(pl.col("lo").is_not_null()).height == 0
+
+
+def test_sample_f1_counts_a_sample_with_no_label_and_no_prediction_as_right():
+    y = np.array([[0, 0], [1, 0], [0, 1], [0, 0]], dtype=np.uint8)
+    yhat = np.array([[0, 0], [1, 1], [0, 0], [1, 0]], dtype=np.uint8)
+    assert metrics.sample_f1(y, yhat).tolist() == pytest.approx([1.0, 2 / 3, 0.0, 0.0])
+    p = yhat.astype(np.float32)
+    table = metrics.score_table(y, {"m": Scored(p, yhat)}, ["A", "B"], n_bootstrap=0)
+    value = table.filter((pl.col("class") == SAMPLES) & (pl.col("metric") == "f1"))["value"].item()
+    assert value == pytest.approx(5 / 12)
+
+
+@pytest.mark.parametrize("average", [MICRO, SAMPLES])
+def test_bootstrap_f1_averages_equal_sklearn_with_sample_weight(average):
+    y, p = _data(700, c=4)
+    yhat = (p >= 0.45).astype(np.uint8)
+    cells = metrics._confusion_cells(y, [p >= 0.5, yhat])
+    per_sample = np.stack([metrics.sample_f1(y, p >= 0.5), metrics.sample_f1(y, yhat)], axis=1)
+    ranked = [metrics._Ranked.of(y[:, j], p[:, j]) for j in range(4)]
+    w = metrics.bootstrap_weights(len(y), 5, np.random.default_rng(2))
+    scores = metrics._all_scores(w, ranked, cells, per_sample)
+    extra = {"zero_division": 1} if average == SAMPLES else {}
+    for b in range(5):
+        for m, pred in (("f1_05", p >= 0.5), ("f1", yhat)):
+            want = f1_score(y, pred, average=average, sample_weight=w[b], **extra)
+            assert scores[(average, m)][b] == pytest.approx(want, abs=1e-6)
 
 
 def test_best_f1_threshold_is_the_brute_force_optimum():

@@ -167,9 +167,7 @@ class Spy:
         return self
 
     def predict_proba(self, X):  # noqa: N803
-        ids = set(X[:, 0].astype(int).tolist())
-        if not ids <= self.trained:  # in-sample threshold predictions are fine; record only unseen rows
-            self.scored |= ids
+        self.scored |= set(X[:, 0].astype(int).tolist())  # every row it is asked about, its training rows included
         return np.full((len(X), 2), 0.5, dtype=np.float32)
 
 
@@ -182,7 +180,7 @@ def test_nested_cv_never_scores_a_row_with_a_model_that_trained_on_it():
     Spy.log = []
     result = nested_cv(X, Y, folds, Spy)
     assert len(Spy.log) == 5
-    for spy in Spy.log:
+    for spy in Spy.log:  # not even its own training rows (no in-sample predictions, e.g. for thresholds)
         assert spy.scored and not (spy.scored & spy.trained)
         assert spy.scored | spy.trained == set(range(n))
     assert set().union(*(s.scored for s in Spy.log)) == set(range(n))
@@ -312,3 +310,75 @@ def test_cli_exits_2_with_one_message(tmp_path, capsys, inputs):
     (runs / "a" / "fold0" / "oof-rank1.parquet").unlink()
     assert main(["--runs", str(runs), "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "index samples have no prediction" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- thresholds (issue 15)
+
+
+def _best_threshold_brute_force(y: np.ndarray, p: np.ndarray) -> float:
+    """The highest score t that maximises F1 of ``p >= t``, trying every distinct score (no shared code)."""
+    cands = np.unique(p)[::-1]
+    pred = p[None, :] >= cands[:, None]
+    tp = (pred & (y[None, :] == 1)).sum(axis=1)
+    fp = (pred & (y[None, :] == 0)).sum(axis=1)
+    fn = (y == 1).sum() - tp
+    return float(cands[np.argmax(2 * tp / (2 * tp + fp + fn))])
+
+
+def test_reported_f1_at_t_equals_an_independent_computation_from_meta_oof(stacked):
+    from sklearn.metrics import f1_score, recall_score
+
+    out = Path(stacked.config.out)
+    oof = pl.read_parquet(out / "meta_oof.parquet")
+    labels = pl.read_parquet(out / "features.parquet").select("key", *CLASSES)
+    joined = oof.join(labels, on="key", suffix="_y")
+    p = joined.select(CLASSES).to_numpy()
+    y = joined.select([f"{c}_y" for c in CLASSES]).to_numpy()
+    folds = joined["fold"].to_numpy()
+    # fold f's threshold: F1-optimal on the other folds' meta-OOF
+    thr = np.array([[_best_threshold_brute_force(y[folds != f, j], p[folds != f, j]) for j in range(11)]
+                    for f in range(5)])  # fmt: skip
+    assert np.array_equal(thr, stacked.nested.thresholds)
+    yhat = (p >= thr[folds]).astype(np.uint8)
+    scores = pl.read_parquet(out / "scores.parquet").filter(pl.col("model") == META_ROW)
+    look = {(c, m): v for c, m, v in scores.select("class", "metric", "value").iter_rows()}
+    assert look[("macro", "f1")] == pytest.approx(f1_score(y, yhat, average="macro"), abs=1e-12)
+    assert look[("micro", "f1")] == pytest.approx(f1_score(y, yhat, average="micro"), abs=1e-12)
+    assert look[("samples", "f1")] == pytest.approx(f1_score(y, yhat, average="samples", zero_division=1), abs=1e-12)
+    assert look[("samples", "f1_05")] == pytest.approx(
+        f1_score(y, p >= 0.5, average="samples", zero_division=1), abs=1e-12
+    )
+    for j, c in enumerate(CLASSES):
+        assert look[(c, "f1")] == pytest.approx(f1_score(y[:, j], yhat[:, j]), abs=1e-12)
+        assert look[(c, "sensitivity")] == pytest.approx(recall_score(y[:, j], yhat[:, j]), abs=1e-12)
+    lo, hi = scores.filter((pl.col("class") == "micro") & (pl.col("metric") == "f1")).select("lo", "hi").row(0)
+    assert lo < look[("micro", "f1")] < hi  # bootstrapped like every other score
+    report = (out / "report.md").read_text()
+    assert "## Thresholds of the meta-learner" in report and "sample-F1@t" in report
+    assert f"| DR | {' | '.join(f'{t:.3f}' for t in thr[:, 0])} |" in report
+
+
+def test_an_overfitting_meta_learner_keeps_its_sensitivity(tmp_path):
+    """Deep trees on few rows with rare classes: the in-sample rule (issue 15) collapses sensitivity, the
+    out-of-fold rule does not."""
+    runs, data = make_oof_inputs(tmp_path, n=400, models=("a", "b", "c"), prevalence=0.08, strength=1.2, seed=7)
+    deep = MetaParams(n_estimators=200, max_depth=8, learning_rate=0.3, min_child_weight=0.1, n_jobs=1)
+    cfg = StackConfig(runs=runs, data=data, out=tmp_path / "stack", strategy="native", device="cpu", bootstrap=0,
+                      params=deep, progress=False)  # fmt: skip
+    result = run_stack(cfg)
+    X, Y, folds, t = result.table.X(), result.table.Y(), result.table.folds(), result.table
+    reported = result.scores.filter((pl.col("model") == META_ROW) & (pl.col("class") == "macro"))
+    macro = dict(reported.select("metric", "value").iter_rows())
+    # the old rule on the same meta-OOF: each fold's threshold F1-optimal on its model's in-sample predictions
+    old = np.zeros((5, len(t.targets)))
+    for f in range(5):
+        model = create_meta_learner(t.feature_columns, t.targets, params=deep).fit(X[folds != f], Y[folds != f])
+        assert np.array_equal(model.predict_proba(X[folds == f]), result.nested.oof[folds == f])  # the same model
+        in_sample = model.predict_proba(X[folds != f])
+        old[f] = [_best_threshold_brute_force(Y[folds != f, j], in_sample[:, j]) for j in range(len(t.targets))]
+    old_pred = result.nested.oof >= old[folds]
+    old_sens = np.mean([(old_pred[:, j] & (Y[:, j] == 1)).sum() / Y[:, j].sum() for j in range(Y.shape[1])])
+    assert old_sens < 0.3  # what the in-sample rule would have reported
+    assert macro["sensitivity"] > 0.5 and macro["sensitivity"] > 2 * old_sens
+    assert (old > result.nested.thresholds).mean() > 0.8  # in-sample thresholds sit too high
+    assert macro["f1"] > macro["f1_05"] - 0.05  # tuning no longer costs F1 against 0.5

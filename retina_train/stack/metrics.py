@@ -11,6 +11,11 @@ from the same resamples as its classes' intervals.
 - AP: ``sum over distinct thresholds of (recall step) x precision`` (equals
   :func:`sklearn.metrics.average_precision_score`).
 - F1, sensitivity, specificity: from weighted confusion counts of fixed 0/1 predictions, one matrix product.
+- F1 over all classes, the three ways multi-label papers report it, each at 0.5 (``f1_05``) and at the tuned
+  thresholds (``f1``): ``macro`` (the mean of the classes' F1), ``micro`` (one F1 from the TP, FP and FN counts pooled
+  over the classes) and ``samples`` (each sample's F1 over its classes, ``2|y ∧ ŷ| / (|y| + |ŷ|)``, averaged over the
+  samples; a sample with no label and no prediction counts 1, as ``sklearn.metrics.f1_score(average="samples",
+  zero_division=1)``). The score table holds them as the "classes" ``macro``, ``micro`` and ``samples``.
 
 A resample in which a class has no positive (or no negative) leaves that class's AUC/AP undefined (NaN); the interval
 is taken over the resamples where it is defined.
@@ -41,7 +46,11 @@ METRIC_LABELS = {
     "sensitivity": "sensitivity@t",
     "specificity": "specificity@t",
 }
-MACRO = "macro"
+MACRO = "macro"  # the mean over the classes (every metric)
+MICRO = "micro"  # F1 from the counts pooled over the classes
+SAMPLES = "samples"  # F1 per sample over its classes, averaged over the samples
+F1_METRICS = ("f1_05", "f1")  # the metrics that also have a micro and a samples value
+F1_AVERAGES = (MACRO, MICRO, SAMPLES)
 
 
 # --------------------------------------------------------------------------------------------------- ranking scores
@@ -232,33 +241,75 @@ def _confusion_cells(y: np.ndarray, predicted: Sequence[np.ndarray]) -> np.ndarr
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-30), np.nan)
+
+
 def _confusion_scores(w: np.ndarray, cells: np.ndarray, c: int) -> list[dict[str, np.ndarray]]:
-    """F1, sensitivity, specificity per weight row and class for each prediction matrix in ``cells``."""
+    """F1, sensitivity, specificity per weight row and class, and the micro-F1 per weight row (``"micro"``), for each
+    prediction matrix in ``cells``."""
     counts = (w @ cells).astype(np.float64)
     out = []
     for s in range(cells.shape[1] // (4 * c)):
         tp, fp, fn, tn = (counts[:, (4 * s + i) * c : (4 * s + i + 1) * c] for i in range(4))
+        f1 = _f1(tp, fp, fn)
+        micro = _f1(tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1))
         with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-30), np.nan)
-            out.append({"f1": f1, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp)})
+            out.append({"f1": f1, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), MICRO: micro})
     return out
 
 
+def sample_f1(y: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """``(n,)``: each sample's F1 over its classes, ``2|y ∧ ŷ| / (|y| + |ŷ|)``; 1 when it has no label and no
+    prediction (nothing to find, nothing claimed)."""
+    y, predicted = np.asarray(y).astype(bool), np.asarray(predicted).astype(bool)
+    tp = (y & predicted).sum(axis=1)
+    total = y.sum(axis=1) + predicted.sum(axis=1)
+    return np.where(total > 0, 2 * tp / np.maximum(total, 1), 1.0)
+
+
+def _sample_means(w: np.ndarray, per_sample: np.ndarray) -> np.ndarray:
+    """``(b, columns)`` weighted means of ``per_sample`` ``(n, columns)``: float64 for one weight row (the point
+    estimate), float32 products for bootstrap rows."""
+    acc = np.float64 if w.shape[0] == 1 else np.float32
+    sums = w.astype(acc, copy=False) @ per_sample.astype(acc, copy=False)
+    return sums.astype(np.float64) / w.sum(axis=1, dtype=np.float64)[:, None]
+
+
 def _all_scores(
-    w: np.ndarray, ranked: list[_Ranked], cells: np.ndarray, pool: ThreadPoolExecutor | None = None
-) -> dict[str, np.ndarray]:
-    """Every metric for one row: name -> (b, classes). ``cells`` holds the 0.5 and the tuned predictions."""
+    w: np.ndarray,
+    ranked: list[_Ranked],
+    cells: np.ndarray,
+    per_sample: np.ndarray,
+    pool: ThreadPoolExecutor | None = None,
+) -> dict[str | tuple[str, str], np.ndarray]:
+    """Every metric for one row: name -> (b, classes), and (MICRO or SAMPLES, F1 metric) -> (b,). ``cells`` holds
+    the 0.5 and the tuned predictions, ``per_sample`` their sample F1 (n, 2)."""
     results = pool.map(lambda r: _auc_ap(r, w), ranked) if pool else (_auc_ap(r, w) for r in ranked)
     aucs, aps = zip(*results, strict=True)
     half, tuned = _confusion_scores(w, cells, len(ranked))
-    return {"auc": np.stack(aucs, axis=1), "ap": np.stack(aps, axis=1), "f1_05": half["f1"], **tuned}
+    samples = _sample_means(w, per_sample)
+    return {
+        "auc": np.stack(aucs, axis=1),
+        "ap": np.stack(aps, axis=1),
+        "f1_05": half["f1"],
+        "f1": tuned["f1"],
+        "sensitivity": tuned["sensitivity"],
+        "specificity": tuned["specificity"],
+        (MICRO, "f1_05"): half[MICRO],
+        (MICRO, "f1"): tuned[MICRO],
+        (SAMPLES, "f1_05"): samples[:, 0],
+        (SAMPLES, "f1"): samples[:, 1],
+    }
 
 
 def _bootstrap(
     y: np.ndarray,
     ranked: Mapping[str, list[_Ranked]],
     cells: Mapping[str, np.ndarray],
-    boot: dict[str, dict[str, list[np.ndarray]]],
+    per_sample: Mapping[str, np.ndarray],
+    boot: dict[str, dict],
     *,
     n_bootstrap: int,
     seed: int,
@@ -286,8 +337,8 @@ def _bootstrap(
         for s in tqdm(range(0, n_bootstrap, chunk), desc="bootstrap", unit="chunk", disable=not progress):
             w = bootstrap_weights(n, min(chunk, n_bootstrap - s), rng)
             for name in ranked:
-                for m, v in _all_scores(w, ranked[name], cells[name], pool).items():
-                    boot[name][m].append(v)
+                for m, v in _all_scores(w, ranked[name], cells[name], per_sample[name], pool).items():
+                    boot[name].setdefault(m, []).append(v)
 
 
 def score_table(
@@ -302,11 +353,13 @@ def score_table(
     progress: bool = False,
     workers: int | None = None,
 ) -> pl.DataFrame:
-    """Scores of every row, per class and macro (mean over classes), with paired percentile bootstrap intervals.
+    """Scores of every row, per class and macro (mean over classes), with paired percentile bootstrap intervals;
+    for F1 (at 0.5 and tuned) also micro and sample-based.
 
-    Returns a long table: ``model, kind, class, metric, value, lo, hi, n, positives`` (``class`` is a class name or
-    ``"macro"``). ``n_bootstrap=0`` gives point estimates only (``lo``/``hi`` null). ``workers``: threads scoring
-    classes in parallel (default: the cores, at most 8; each holds two ``(chunk, n)`` float32 arrays).
+    Returns a long table: ``model, kind, class, metric, value, lo, hi, n, positives`` (``class`` is a class name,
+    ``"macro"``, or for the F1 metrics also ``"micro"`` and ``"samples"``). ``n_bootstrap=0`` gives point estimates
+    only (``lo``/``hi`` null). ``workers``: threads scoring classes in parallel (default: the cores, at most 8; each
+    holds two ``(chunk, n)`` float32 arrays).
     """
     workers = workers or min(8, os.cpu_count() or 1)
     y = np.asarray(y, dtype=np.uint8)
@@ -315,14 +368,26 @@ def score_table(
         raise ValueError(f"labels have {c} columns, classes are {list(classes)}")
     ranked = {name: [_Ranked.of(y[:, j], r.probs[:, j]) for j in range(c)] for name, r in rows.items()}
     cells = {name: _confusion_cells(y, [r.probs >= 0.5, r.predicted]) for name, r in rows.items()}
+    per_sample = {
+        name: np.stack([sample_f1(y, r.probs >= 0.5), sample_f1(y, r.predicted)], axis=1) for name, r in rows.items()
+    }
     ones = np.ones((1, n), np.float32)
-    point = {name: _all_scores(ones, ranked[name], cells[name]) for name in rows}
+    point = {name: _all_scores(ones, ranked[name], cells[name], per_sample[name]) for name in rows}
 
-    boot: dict[str, dict[str, list[np.ndarray]]] = {name: {m: [] for m in METRICS} for name in rows}
+    boot: dict[str, dict] = {name: {} for name in rows}
     # one BLAS thread: the products are small, and a busy machine makes spinning BLAS threads 10-100x slower
     with threadpool_limits(1, user_api="blas"):
         _bootstrap(
-            y, ranked, cells, boot, n_bootstrap=n_bootstrap, seed=seed, chunk=chunk, progress=progress, workers=workers
+            y,
+            ranked,
+            cells,
+            per_sample,
+            boot,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            chunk=chunk,
+            progress=progress,
+            workers=workers,
         )
 
     alpha = (1 - ci) / 2
@@ -331,14 +396,17 @@ def score_table(
     for name, r in rows.items():
         for m in METRICS:
             pt = point[name][m][0]
-            samples = np.concatenate(boot[name][m]) if boot[name][m] else None
+            draws = np.concatenate(boot[name][m]) if boot[name] else None
             cols = [
-                (cls, pt[j], None if samples is None else samples[:, j], int(positives[j]))
-                for j, cls in enumerate(classes)
+                (cls, pt[j], None if draws is None else draws[:, j], int(positives[j])) for j, cls in enumerate(classes)
             ]
             # macro: the mean over classes; a resample where some class is undefined drops out of the interval
-            macro_samples = None if samples is None else samples.mean(axis=1)
-            cols.append((MACRO, float(np.mean(pt)), macro_samples, int(positives.sum())))
+            macro_draws = None if draws is None else draws.mean(axis=1)
+            cols.append((MACRO, float(np.mean(pt)), macro_draws, int(positives.sum())))
+            if m in F1_METRICS:  # pooled over the classes, and per sample
+                for avg in (MICRO, SAMPLES):
+                    d = np.concatenate(boot[name][(avg, m)]) if boot[name] else None
+                    cols.append((avg, float(point[name][(avg, m)][0]), d, int(positives.sum())))
             for cls, value, s, pos in cols:
                 lo = hi = None
                 if s is not None and np.isfinite(s).any():

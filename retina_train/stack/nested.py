@@ -2,11 +2,18 @@
 
 For fold ``k`` a fresh meta-learner trains on the other folds' rows and predicts fold ``k``, so every sample gets one
 meta-OOF probability from a model that never saw it. The training and scored rows of every fold are recorded and
-checked disjoint, and every row is scored exactly once (:meth:`NestedCV.check`). The F1 threshold used for fold ``k``
-is the F1-optimal one on the fold-``k`` meta-learner's own (in-sample) predictions of its training rows: fold ``k``'s
-labels never choose it. (Choosing it on the other folds' meta-OOF would not be honest: those predictions come from
-meta-learners that trained on fold ``k``.) Single backbones and their mean are fixed scores; their fold-``k``
-threshold is chosen on the other folds (:func:`retina_train.stack.metrics.fold_thresholds`).
+checked disjoint, and every row is scored exactly once (:meth:`NestedCV.check`).
+
+**Thresholds.** The F1 threshold of class ``c`` used for fold ``k`` is the F1-optimal one on the *other folds'
+meta-OOF* (:func:`retina_train.stack.metrics.fold_thresholds`): on predictions of rows by meta-learners that never
+trained on those rows, so they are as (un)confident as the fold-``k`` predictions the threshold is applied to, and
+fold ``k``'s labels never choose it. It is the same rule as for the single backbones and their mean, and it can be
+recomputed from ``meta_oof.parquet``, the labels and the folds alone. (Until issue 15 the threshold was chosen on
+the fold-``k`` meta-learner's in-sample predictions of its own training rows; a boosted model is overconfident there,
+so the thresholds sat too high and sensitivity collapsed.) An inner cross-validation over the training folds would
+also give out-of-sample predictions, at k x (k - 1) more fits, from models trained on fewer rows than the scored
+fold's; the other folds' meta-OOF costs nothing. Their models did train on fold ``k``'s rows, but fold ``k``'s labels
+enter the threshold only through how those models score *other* rows, as they do for the backbones' thresholds.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ class NestedCV:
     """Meta-OOF probabilities and, per fold, the rows its meta-learner trained on and the rows it scored."""
 
     oof: np.ndarray  # (n, classes)
-    thresholds: np.ndarray  # (k, classes): fold f's threshold, chosen on fold f's training rows
+    thresholds: np.ndarray  # (k, classes): fold f's threshold, F1-optimal on the other folds' meta-OOF
     train_rows: dict[int, np.ndarray]
     scored_rows: dict[int, np.ndarray]
 
@@ -62,14 +69,14 @@ def nested_cv(
     progress: bool = False,
     desc: str = "meta-learner folds",
 ) -> NestedCV:
-    """For each fold ``f``: a fresh ``factory()`` model fits the rows outside ``f`` and scores the rows of ``f``.
+    """For each fold ``f``: a fresh ``factory()`` model fits the rows outside ``f`` and scores the rows of ``f``;
+    then fold ``f``'s thresholds are chosen on the meta-OOF of the rows outside ``f``.
 
     ``prefit[f]`` is a model already fitted on exactly the rows outside ``f`` (reused, not refitted).
     """
     n, c = Y.shape
     oof = np.full((n, c), np.nan, dtype=np.float32)
     fold_ids = [int(f) for f in np.unique(folds)]
-    thresholds = np.full((max(fold_ids) + 1, c), 0.5)
     train_rows: dict[int, np.ndarray] = {}
     scored_rows: dict[int, np.ndarray] = {}
     for f in tqdm(fold_ids, desc=desc, unit="fold", disable=not progress):
@@ -81,9 +88,8 @@ def nested_cv(
         if model is None:
             model = factory().fit(X[train], Y[train])
         oof[scored] = model.predict_proba(X[scored])
-        in_sample = model.predict_proba(X[train])
-        thresholds[f] = [metrics.best_f1_threshold(Y[train, j], in_sample[:, j]) for j in range(c)]
         train_rows[f], scored_rows[f] = train, scored
+    thresholds = metrics.fold_thresholds(Y, oof, folds, max(fold_ids) + 1)
     result = NestedCV(oof, thresholds, train_rows, scored_rows)
     result.check(n)
     return result

@@ -4,12 +4,14 @@ It takes plain data (arrays, polars frames, paths, row names; :class:`ReportInpu
 objects, so ``retina-eval`` reuses its tables and plots and nothing here imports the stacking code.
 
 - ``scores.md``: macro scores of every row (backbones, their mean, the meta-learner, the shuffled-label control) with
-  95% bootstrap intervals; AUC per class and row (the paper's table); the meta-learner's scores per class.
+  95% bootstrap intervals; F1 macro, micro and sample-based, at 0.5 and at the out-of-fold thresholds; AUC per class
+  and row (the paper's table); the meta-learner's scores per class.
 - ``roc.png``: ROC curves per class (backbones thin, their mean dashed, the meta-learner bold).
 - ``calibration.png``: reliability diagrams per class of the meta-learner's OOF probabilities (and the mean of the
   backbones), with the expected calibration error.
 - ``importance.png``: the classes x backbones share of the meta-learner's gain (the paper's Fig. 6).
-- ``report.md``: inputs, meta-learner, how the scores stay honest, all tables, links to the PNGs, timings.
+- ``report.md``: inputs, meta-learner, how the scores stay honest, all tables, the meta-learner's thresholds per
+  class and fold, links to the PNGs, timings.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from retina_train.stack.metrics import MACRO, METRIC_LABELS, METRICS  # noqa: E402
+from retina_train.stack.metrics import F1_AVERAGES, MACRO, METRIC_LABELS, METRICS, MICRO  # noqa: E402
 from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,36 @@ def _lookup(scores: pl.DataFrame) -> dict[tuple[str, str, str], tuple[float, flo
     }
 
 
+def f1_markdown(scores: pl.DataFrame, *, ci: float = 0.95) -> str:
+    """F1 of every row the three ways (macro, micro, sample-based), each at 0.5 and at the tuned thresholds, with
+    CIs; empty when ``scores`` has no micro rows."""
+    look = _lookup(scores)
+    rows = _row_order(scores)
+    if not rows or (rows[0], MICRO, "f1") not in look:
+        return ""
+    cols = [(avg, m) for avg in F1_AVERAGES for m in ("f1_05", "f1")]
+    header = ["row", *(f"{'sample' if avg == 'samples' else avg}-{METRIC_LABELS[m]}" for avg, m in cols)]
+    return "\n".join(
+        [
+            f"### F1 three ways ({ci:.0%} bootstrap interval)",
+            "",
+            _table(header, [[r, *(_fmt(*look[(r, avg, m)]) for avg, m in cols)] for r in rows]),
+            "",
+            "Macro: the mean of the classes' F1. Micro: one F1 from the true/false positives and false negatives "
+            "pooled over the classes. Sample-based: each sample's F1 over its classes, averaged over the samples (a "
+            "sample with no label and no prediction counts 1).",
+            "",
+        ]
+    )
+
+
 def scores_markdown(scores: pl.DataFrame, classes: Sequence[str], *, meta_row: str, ci: float = 0.95) -> str:
-    """Three tables: macro scores per row with CIs; AUC per class and row; the meta-learner per class with CIs."""
+    """Four tables: macro scores per row with CIs; F1 macro, micro and sample-based per row with CIs; AUC per class
+    and row; the meta-learner per class with CIs."""
     look = _lookup(scores)
     rows = _row_order(scores)
     pct = f"{ci:.0%}"
+    f1 = f1_markdown(scores, ci=ci)
     parts = [
         f"### Macro scores (mean over {len(classes)} classes; {pct} bootstrap interval)",
         "",
@@ -76,6 +103,7 @@ def scores_markdown(scores: pl.DataFrame, classes: Sequence[str], *, meta_row: s
             [[r, *(_fmt(*look[(r, MACRO, m)]) for m in METRICS)] for r in rows],
         ),
         "",
+        *([f1] if f1 else []),
         "### AUC per class",
         "",
         _table(
@@ -93,6 +121,19 @@ def scores_markdown(scores: pl.DataFrame, classes: Sequence[str], *, meta_row: s
         "chosen without the scored fold's labels (see report.md).",
     ]
     return "\n".join(parts) + "\n"
+
+
+def thresholds_markdown(
+    fold_thresholds: np.ndarray, classes: Sequence[str], final: Mapping[str, float], positives: Sequence[int]
+) -> str:
+    """Per class: the threshold each fold's predictions were cut at (``fold_thresholds`` (k, classes)) and the final
+    model's (``final``), with the class's positives."""
+    k = fold_thresholds.shape[0]
+    rows = [
+        [c, *(f"{fold_thresholds[f, j]:.3f}" for f in range(k)), _fmt(final.get(c)), str(int(positives[j]))]
+        for j, c in enumerate(classes)
+    ]
+    return _table(["class", *(f"fold {f}" for f in range(k)), "final (meta.json)", "positives"], rows)
 
 
 def importance_markdown(importance: pl.DataFrame) -> str:
@@ -254,6 +295,8 @@ class ReportInputs:
     params: Mapping  # the meta-learner's XGBoost parameters (n_estimators, max_depth, learning_rate, ...)
     model_files: list[str]  # the final meta-learner's booster files
     control_rows: int  # rows of the shuffled-label control
+    meta_thresholds: np.ndarray  # (folds, classes): the meta-learner's threshold per fold, from the other folds
+    final_thresholds: Mapping[str, float]  # class -> the final meta-learner's threshold (meta.json)
     seconds: Mapping[str, float]  # timings per stage
     seed: int = 0
     bootstrap: int = 1000
@@ -332,14 +375,24 @@ def write_report(r: ReportInputs) -> dict[str, Path]:
         f"- Nested cross-validation on the dataset's {r.k} folds: for fold k a fresh meta-learner trains on the "
         "other folds and scores fold k; every sample's meta-probability (`meta_oof.parquet`) comes from a model that "
         "never trained on it (checked: training and scored rows disjoint, every row scored once).",
-        "- Thresholds for F1@t / sensitivity@t / specificity@t: for fold k, the meta-learner's threshold is the "
-        "F1-optimal one on its own training rows (in-sample), and a backbone's (or the mean's) is F1-optimal on the "
-        "other folds' OOF — fold k's labels never choose fold k's threshold.",
+        "- Thresholds for F1@t / sensitivity@t / specificity@t: fold k's threshold of a class is the F1-optimal one "
+        "on the other folds' out-of-fold predictions — the meta-learner's on the other folds' meta-OOF, a backbone's "
+        "(or the mean's) on the other folds' OOF. They are chosen on predictions from models that never trained on "
+        "those rows (not on the meta-learner's overconfident in-sample predictions of its own training rows), and "
+        "fold k's labels never choose fold k's threshold; `meta_oof.parquet` with the labels and folds reproduces "
+        "them. F1 is given macro (mean of the classes), micro (pooled counts) and sample-based.",
         f"- Intervals: {r.bootstrap} paired bootstrap resamples of the samples (seed {r.seed}), "
         f"{r.ci:.0%} percentile intervals.",
         f"- Control: the same nested CV with the label rows permuted across samples ({control_n:,} rows"
         + (", a seeded subsample" if control_n < len(r.y) else "")
         + f"): macro-AUC {_fmt(*control_auc)}. Near 0.5 means nothing leaks labels into features or scores.",
+        "",
+        "## Thresholds of the meta-learner",
+        "",
+        "Per class: the threshold that fold k's meta-OOF was cut at (F1-optimal on the other folds' meta-OOF), and "
+        "the final model's (F1-optimal on all the meta-OOF; saved in `meta.json` for `retina-eval`):",
+        "",
+        thresholds_markdown(r.meta_thresholds, classes, r.final_thresholds, r.y.sum(axis=0)),
         "",
         "## Per-disease importance of each backbone",
         "",

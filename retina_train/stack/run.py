@@ -234,6 +234,8 @@ def run_stack(cfg: StackConfig) -> StackResult:
         params=asdict(cfg.params),
         model_files=final.model_files(),
         control_rows=len(rows),
+        meta_thresholds=nested.thresholds,
+        final_thresholds=final.thresholds,
         seconds=seconds,
         seed=cfg.seed,
         bootstrap=cfg.bootstrap,
