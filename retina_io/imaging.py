@@ -20,6 +20,7 @@ This module imports only PIL and numpy: the packer's worker processes import it 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +109,9 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 def _open(data: bytes) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the pixel limit decides, right after this header-only open
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("image_too_large", f"PIL refuses to open it: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
@@ -125,7 +128,8 @@ def plan_image(
     The pixel count is checked against ``max_pixels`` from the header first (nothing is decoded). ``check="header"``
     then walks the file structure (PNG chunks to ``IEND`` with their CRCs, JPEG markers to the end-of-image marker;
     bytes after it are allowed); ``check="decode"`` does that and decodes the whole entropy-coded stream (JPEG at 1/8
-    scale in the DCT domain, PNG fully), so truncated or corrupt files are caught at pack time.
+    scale in the DCT domain, PNG fully), so truncated or corrupt files are caught at pack time. An image that needs a
+    conversion is decoded under either check (the conversion decodes it).
     """
     if check not in ("decode", "header"):
         raise ValueError(f"check must be 'decode' or 'header'; got {check!r}")
@@ -167,7 +171,7 @@ def plan_image(
     if resize is not None and min(width, height) > resize:
         conversions.append(f"resize={resize}")
 
-    if check == "decode":
+    if check == "decode" or conversions:  # what is converted is decoded when written: it must decode now
         _decode(data, im, fmt, structure)
     lossless = fmt in LOSSLESS_FORMATS or (fmt == "webp" and bool(im.info.get("lossless")))
     out_format = fmt if not conversions else ("png" if lossless else "jpeg")

@@ -130,8 +130,10 @@ def jpeg_structure(data: bytes) -> Structure:
     while True:
         if pos >= n:
             return result(f"JPEG ends at byte {n} without an end-of-image marker (truncated file)")
-        if data[pos] != 0xFF:
-            return result(f"JPEG has {data[pos]:#04x} where a marker should start (byte {pos}): damaged data")
+        if data[pos] != 0xFF:  # bytes between segments: decoders skip them (libjpeg: "extraneous bytes"), so do we
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return result(f"JPEG ends at byte {n} without an end-of-image marker (truncated file)")
         start = pos
         while pos < n and data[pos] == 0xFF:  # fill bytes
             pos += 1

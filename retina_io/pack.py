@@ -197,7 +197,19 @@ def _sample_json(row: dict, key: str, fold: int, plan, meta_cols: tuple[str, ...
 
 
 def _reject(source: str, row: int | None, id_: str | None, path: str | None, reason: str, detail: str) -> dict:
-    return {"source": source, "row": row, "id": id_, "path": path, "reason": reason, "detail": detail}
+    return {"source": source, "row": row, "id": id_, "path": _text(path), "reason": reason, "detail": _text(detail)}
+
+
+def _text(s: str | None) -> str | None:
+    """``s`` as UTF-8 text: a file name that is not UTF-8 (Python keeps its bytes as surrogates) shows them as
+    ``\\xff`` escapes instead of failing the rejects table."""
+    if s is None or s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def pack(cfg: PackConfig) -> PackResult:

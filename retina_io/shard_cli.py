@@ -88,7 +88,7 @@ def format_summary(r: PackResult) -> str:
         lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in r.converted_by_reason.items()))
     if r.rejected:
         lines.append(f"rejected {r.rejected} inputs (see {r.out / 'rejects.parquet'}):")
-        lines += [f"  {reason:<16} {n}" for reason, n in r.rejected_by_reason.items()]
+        lines += [f"  {reason:<22} {n}" for reason, n in r.rejected_by_reason.items()]
     else:
         lines.append("rejected: none")
     if r.complete and r.manifest:

@@ -58,10 +58,10 @@ def read_table(path: Path) -> Table:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         try:
-            df = pl.read_parquet(path)
-        except Exception as exc:  # polars raises several exception types for unreadable files
-            raise TableError(f"labels file {path} could not be read as a parquet table: {exc}") from exc
-        table = Table(df.with_columns(pl.all().cast(pl.String)), encoding="parquet")
+            df = pl.read_parquet(path).with_columns(pl.all().cast(pl.String))
+        except Exception as exc:  # polars raises several exception types (unreadable file, nested columns)
+            raise TableError(f"labels file {path} could not be read as a parquet table of values: {exc}") from exc
+        table = Table(df, encoding="parquet")
         _check_names(path, table.frame.columns)
     elif suffix in TEXT_SUFFIXES:
         text, encoding = decode_text(path.read_bytes(), path)

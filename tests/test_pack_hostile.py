@@ -385,3 +385,21 @@ def test_duplicates_resolved_the_same_with_worker_processes(tmp_path):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     index, rejects = _outputs(one)
     assert "a.jpg" in index["id"].to_list() and _reasons(rejects) == {"b.jpg": "duplicate_image"}
+
+
+def test_names_that_are_not_utf8_and_conversions_under_header_check(tmp_path):
+    """A stray file whose name is not UTF-8 is reported, not a crash; an image that must be converted is decoded at
+    check time even under --check header (a truncated TIFF would otherwise fail the shard writer)."""
+    buf = io.BytesIO()
+    Image.fromarray(fundus_like(21, size=(120, 90))).save(buf, "TIFF")
+    tiff = buf.getvalue()
+    files = {"scan.tif": tiff, "cut.tif": tiff[: len(tiff) // 2]}
+    images, labels = _dataset(tmp_path, files, [_label_row(n) for n in files])
+    (images / os.fsdecode(b"Fundus/caf\xe9.jpg")).write_bytes(jpeg_bytes(fundus_like(22)))  # a Latin-1 file name
+    out = tmp_path / "out"
+    _pack(images, labels, out, check="header")
+    index, rejects = _outputs(out)
+    assert "scan.tif" in index["id"].to_list()
+    assert _reasons(rejects)["cut.tif"] == "corrupt_image"
+    assert rejects.filter(pl.col("reason") == "no_label_row")["path"].to_list() == ["Fundus/caf\\xe9.jpg"]
+    _accounted(out, N_GOOD + 2, n_strays=1)
