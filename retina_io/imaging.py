@@ -189,9 +189,10 @@ def _decode(data: bytes, im: Image.Image, fmt: str, structure: Structure | None)
     except Exception as exc:
         raise ImageRejected("corrupt_image", f"{fmt} does not decode ({type(exc).__name__}: {exc})") from exc
     if fmt == "jpeg" and structure is not None:
-        # libjpeg fills what is missing with grey and only warns ("premature end of data segment"). With more data
-        # before the end marker, a decoder that needed more would decode other pixels; one that had all it needed
-        # decodes the same.
+        # libjpeg fills what is missing with grey and only warns ("premature end of data segment"; PIL drops the
+        # warning). With more data before the end marker, a decoder that needed more decodes other pixels; one that
+        # had all it needed decodes the same. At 1/8 scale an end inside the last block's detail coefficients does
+        # not show (a few pixels); any earlier end does.
         try:
             same = _jpeg_pixels(data[: structure.eoi] + _ENTROPY_PAD + b"\xff\xd9", full=full) == pixels
         except Exception:
