@@ -9,16 +9,24 @@ conversion reasons are returned so the shard writer can record them in the sampl
 (PIL's ``draft``: libjpeg's scaled IDCT, a proper area downscale) to the smallest scale not below the target, then
 finishing with Lanczos.
 
+Checks (``plan_image``): the pixel count from the header against ``max_pixels`` before anything is decoded; the file
+structure of PNGs and JPEGs (:mod:`retina_io.imgcheck`) under both checks; under ``check="decode"`` a full decode,
+and for JPEGs a test that the entropy-coded data does not end early (libjpeg only warns about that, "premature end of
+data segment", and fills the rest of the image with grey).
+
 This module imports only PIL and numpy: the packer's worker processes import it and nothing heavier.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
+
+from retina_io.imgcheck import Structure, jpeg_structure, png_structure
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,8 +35,18 @@ STORABLE_JPEG_MODES = frozenset({"L", "RGB"})
 STORABLE_PNG_MODES = frozenset({"L", "RGB"})
 EXIF_ORIENTATION = 0x0112
 
-# Decompression-bomb guard: refuse absurd sizes instead of letting one input exhaust memory.
+# Decompression-bomb guard of last resort: the packer's own limit (``max_pixels``, read from the header before PIL
+# opens the file) acts first; this keeps PIL from ever allocating more anywhere in the process.
 Image.MAX_IMAGE_PIXELS = 50_000 * 50_000
+# The default pixel limit: 50 MP is above every fundus camera (about 24 MP at most) and below memory trouble (a
+# 50 MP RGB image decodes into 150 MB).
+DEFAULT_MAX_PIXELS = 50_000_000
+# Bytes that no image within the pixel limit needs (16-bit RGBA uncompressed plus 16 MB of metadata): a larger file
+# is rejected before it is read into memory.
+BYTES_PER_PIXEL_LIMIT = 8
+METADATA_SLACK = 16 << 20
+# Appended before a JPEG's end marker to test that the decoder never needs more data than the file has (no 0xFF).
+_ENTROPY_PAD = bytes((i * 97 + 31) % 255 for i in range(512))
 
 
 class ImageRejected(Exception):
@@ -74,26 +92,56 @@ def _png_bit_depth(data: bytes) -> int:
     return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 8
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image within ``max_pixels`` can need."""
+    return BYTES_PER_PIXEL_LIMIT * max_pixels + METADATA_SLACK
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Reject an image over the pixel limit (from its header: nothing has been decoded)."""
+    if width * height > max_pixels:
+        raise ImageRejected(
+            "image_too_large",
+            f"{width}x{height} = {width * height / 1e6:.1f} MP (from the header) is over --max-pixels "
+            f"{max_pixels} ({max_pixels / 1e6:g} MP); not decoded",
+        )
+
+
 def _open(data: bytes) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the pixel limit decides, right after this header-only open
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageRejected("corrupt_image", f"image too large: {exc}") from exc
+        raise ImageRejected("image_too_large", f"PIL refuses to open it: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageRejected("not_an_image", f"contents are no known image format (first bytes {data[:8]!r})") from exc
     except Exception as exc:
         raise ImageRejected("corrupt_image", f"image header does not parse ({type(exc).__name__}: {exc})") from exc
 
 
-def plan_image(data: bytes, *, resize: int | None = None, check: str = "decode") -> ImagePlan:
+def plan_image(
+    data: bytes, *, resize: int | None = None, check: str = "decode", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImagePlan:
     """Inspect one image's bytes and decide how it is packed; raise :class:`ImageRejected` for bad input.
 
-    ``check="decode"`` decodes the whole entropy-coded stream (JPEG at 1/8 scale in the DCT domain, PNG fully) so
-    truncated or corrupt files are caught at pack time; ``check="header"`` only parses headers and markers.
+    The pixel count is checked against ``max_pixels`` from the header first (nothing is decoded). ``check="header"``
+    then walks the file structure (PNG chunks to ``IEND`` with their CRCs, JPEG markers to the end-of-image marker;
+    bytes after it are allowed); ``check="decode"`` does that and decodes the whole entropy-coded stream (JPEG at 1/8
+    scale in the DCT domain, PNG fully), so truncated or corrupt files are caught at pack time. An image that needs a
+    conversion is decoded under either check (the conversion decodes it).
     """
+    if check not in ("decode", "header"):
+        raise ValueError(f"check must be 'decode' or 'header'; got {check!r}")
     if not data:
         raise ImageRejected("empty_file", "the file has 0 bytes")
     magic = sniff_format(data)
+    structure = png_structure(data) if magic == "png" else jpeg_structure(data) if magic == "jpeg" else None
+    if structure is not None:
+        if structure.width and structure.height:
+            check_pixels(structure.width, structure.height, max_pixels)
+        if structure.problem:
+            raise ImageRejected("corrupt_image", structure.problem)
     im = _open(data)
     fmt = magic or (im.format or "unknown").lower()
     if magic == "jpeg" and fmt != "jpeg":
@@ -101,6 +149,7 @@ def plan_image(data: bytes, *, resize: int | None = None, check: str = "decode")
     width, height = im.size
     if width < 1 or height < 1:
         raise ImageRejected("corrupt_image", f"image has size {width}x{height}")
+    check_pixels(width, height, max_pixels)
     mode = im.mode
     conversions: list[str] = []
     if fmt == "jpeg":
@@ -122,25 +171,48 @@ def plan_image(data: bytes, *, resize: int | None = None, check: str = "decode")
     if resize is not None and min(width, height) > resize:
         conversions.append(f"resize={resize}")
 
-    _check(data, im, fmt, check)
+    if check == "decode" or conversions:  # what is converted is decoded when written: it must decode now
+        _decode(data, im, fmt, structure)
     lossless = fmt in LOSSLESS_FORMATS or (fmt == "webp" and bool(im.info.get("lossless")))
     out_format = fmt if not conversions else ("png" if lossless else "jpeg")
     return ImagePlan(fmt, width, height, mode, tuple(conversions), out_format)
 
 
-def _check(data: bytes, im: Image.Image, fmt: str, check: str) -> None:
-    if check not in ("decode", "header"):
-        raise ValueError(f"check must be 'decode' or 'header'; got {check!r}")
-    if fmt == "jpeg" and b"\xff\xd9" not in data[-4096:].rstrip(b"\x00 \r\n\t"):
-        raise ImageRejected("corrupt_image", "JPEG has no end-of-image marker (truncated file)")
-    if check == "header" and fmt in ("jpeg", "png"):
-        return
+def _decode(data: bytes, im: Image.Image, fmt: str, structure: Structure | None) -> None:
     try:
-        if fmt == "jpeg":
-            im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-        im.load()
+        if fmt == "jpeg" and structure is not None:
+            # Full scale where scans are split (progressive) or restart (what ends early may not show at 1/8).
+            full = structure.progressive or structure.restart_interval > 0
+            pixels = _jpeg_pixels(data, full=full)
+        else:
+            im.load()
     except Exception as exc:
         raise ImageRejected("corrupt_image", f"{fmt} does not decode ({type(exc).__name__}: {exc})") from exc
+    if fmt == "jpeg" and structure is not None:
+        # libjpeg fills what is missing with grey and only warns ("premature end of data segment"; PIL drops the
+        # warning). With more data before the end marker, a decoder that needed more decodes other pixels; one that
+        # had all it needed decodes the same. At 1/8 scale an end inside the last block's detail coefficients does
+        # not show (a few pixels); any earlier end does.
+        try:
+            same = _jpeg_pixels(data[: structure.eoi] + _ENTROPY_PAD + b"\xff\xd9", full=full) == pixels
+        except Exception:
+            same = False
+        if not same:
+            raise ImageRejected(
+                "corrupt_image",
+                "JPEG data ends before the image does (premature end of data segment: part of the image would be "
+                "grey); the end-of-image marker follows cut data",
+            )
+
+
+def _jpeg_pixels(data: bytes, *, full: bool) -> bytes:
+    """A JPEG's decoded pixels (at 1/8 scale in the DCT domain unless ``full``), opened as a plain JPEG (an MPO's
+    other pictures are not needed)."""
+    im = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    if not full:
+        im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+    im.load()
+    return im.tobytes()
 
 
 def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -3,42 +3,61 @@
 The steps, each a function:
 
 1. :func:`read_labels` (presets) validates every label row; :class:`ImageFolder` (sources) finds each row's file and
-   every file that no row names.
-2. Every named file is read and checked in parallel (:func:`probe_chunk`): a truncated, empty or non-image file is a
-   reject; what DALI cannot decode as is gets a conversion plan.
-3. Accepted samples get keys (their rank by id), multilabel-stratified folds, a seeded global shuffle within each fold,
+   every file that no row names. ``--out`` is locked (one pack at a time) and, when inside ``--images``, not scanned.
+2. Every named file is read once and checked in parallel (:func:`probe_chunk`): a truncated, empty, non-image,
+   non-regular or too large file is a reject; what DALI cannot decode as is gets a conversion plan; the checked bytes
+   are hashed.
+3. An image's identity is its content (:mod:`retina_io.identity`): rows whose files have the same bytes keep one row
+   (the first id) when their labels agree and lose all when they conflict, so no image reaches two folds.
+4. Accepted samples get keys (their rank by id), multilabel-stratified folds, a seeded global shuffle within each fold,
    and shards of ``shard_samples`` (the last shard of each fold may be shorter).
-4. Worker processes write whole shards (:func:`write_shard`); shards already complete from an earlier run with the same
-   plan are kept, so rerunning a killed command resumes it. ``num_nodes``/``node_rank`` split the shards between
-   machines on a shared filesystem.
-5. When every shard exists: ``index.parquet``, ``rejects.parquet`` and ``manifest.json`` (with per-shard sha256).
+5. Worker processes write whole shards (:func:`write_shard`), storing only bytes with the checked hash; shards already
+   complete from an earlier run with the same plan are kept, so rerunning a killed command resumes it.
+   ``num_nodes``/``node_rank`` split the shards between machines on a shared filesystem. A file that changed after it
+   was checked is rejected and the plan made again.
+6. When every shard exists: ``index.parquet``, ``rejects.parquet`` and ``manifest.json`` (with per-shard sha256).
 
 Nothing in the outputs depends on time, worker count or node count: the same inputs give byte-identical files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from PIL import Image
 from tqdm.auto import tqdm
 
-from retina_io.dataset import FORMAT_NAME, FORMAT_VERSION
+from retina_io.dataset import FORMAT_VERSION
 from retina_io.errors import RetinaError
 from retina_io.folds import assign_folds, shuffle_within_folds
-from retina_io.fsutil import TMP_MARK, write_atomic
-from retina_io.pack_worker import ProbeResult, SampleSpec, ShardTask, marker_path, probe_chunk, write_shard
+from retina_io.fsutil import TMP_MARK
+from retina_io.identity import split_duplicates
+from retina_io.imaging import DEFAULT_MAX_PIXELS
+from retina_io.pack_outputs import conversion_counts, write_outputs
+from retina_io.pack_worker import (
+    ProbeItem,
+    ProbeOptions,
+    ProbeResult,
+    SampleSpec,
+    ShardTask,
+    marker_path,
+    probe_chunk,
+    write_shard,
+)
 from retina_io.presets import LabelTable, get_preset, read_labels
 from retina_io.schema import CLASSES, encode_labels, format_keys
 from retina_io.sources import ImageFolder
@@ -46,14 +65,7 @@ from retina_io.sources import ImageFolder
 log = logging.getLogger(__name__)
 
 PROBE_CHUNK = 256
-REJECT_SCHEMA = {
-    "source": pl.String,
-    "row": pl.Int64,
-    "id": pl.String,
-    "path": pl.String,
-    "reason": pl.String,
-    "detail": pl.String,
-}
+MAX_PLANS = 3  # plans made when files change after their check, before giving up
 
 
 class PackError(RetinaError, RuntimeError):
@@ -77,6 +89,7 @@ class PackConfig:
     group_column: str | None = None
     strict: bool = False
     check: str = "decode"
+    max_pixels: int = DEFAULT_MAX_PIXELS
     id_column: str | None = None
     label_columns: tuple[str, ...] = ()
     path_column: str | None = None
@@ -110,6 +123,8 @@ def _validate(cfg: PackConfig) -> None:
         raise PackError(f"--resize is the short side in pixels (e.g. 512); got {cfg.resize}")
     if not 1 <= cfg.quality <= 100:
         raise PackError(f"--quality must be in 1..100; got {cfg.quality}")
+    if not 1 <= cfg.max_pixels <= Image.MAX_IMAGE_PIXELS:
+        raise PackError(f"--max-pixels must be in 1..{Image.MAX_IMAGE_PIXELS}; got {cfg.max_pixels}")
     if not 0 <= cfg.node_rank < cfg.num_nodes:
         raise PackError(f"--node-rank must be in 0..{cfg.num_nodes - 1}; got {cfg.node_rank}")
     if not Path(cfg.images).is_dir():
@@ -148,19 +163,17 @@ def _noop(x: int) -> int:
 
 
 def _probe(
-    folder: ImageFolder, relpaths: list[str], cfg: PackConfig, pool: ProcessPoolExecutor | None
+    folder: ImageFolder, items: list[ProbeItem], cfg: PackConfig, pool: ProcessPoolExecutor | None
 ) -> list[ProbeResult]:
-    items = list(enumerate(relpaths))
     chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
     root = str(folder.root)
+    options = ProbeOptions(resize=cfg.resize, check=cfg.check, max_pixels=cfg.max_pixels)
     results: list[ProbeResult] = []
     with tqdm(total=len(items), desc="check images", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
         if pool is None:
-            outs = (probe_chunk(root, c, cfg.resize, cfg.check) for c in chunks)
+            outs = (probe_chunk(root, c, options) for c in chunks)
         else:
-            outs = pool.map(
-                probe_chunk, [root] * len(chunks), chunks, [cfg.resize] * len(chunks), [cfg.check] * len(chunks)
-            )
+            outs = pool.map(probe_chunk, [root] * len(chunks), chunks, [options] * len(chunks))
         for out in outs:
             results.extend(out)
             bar.update(len(out))
@@ -184,7 +197,19 @@ def _sample_json(row: dict, key: str, fold: int, plan, meta_cols: tuple[str, ...
 
 
 def _reject(source: str, row: int | None, id_: str | None, path: str | None, reason: str, detail: str) -> dict:
-    return {"source": source, "row": row, "id": id_, "path": path, "reason": reason, "detail": detail}
+    return {"source": source, "row": row, "id": id_, "path": _text(path), "reason": reason, "detail": _text(detail)}
+
+
+def _text(s: str | None) -> str | None:
+    """``s`` as UTF-8 text: a file name that is not UTF-8 (Python keeps its bytes as surrogates) shows them as
+    ``\\xff`` escapes instead of failing the rejects table."""
+    if s is None or s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def pack(cfg: PackConfig) -> PackResult:
@@ -200,21 +225,67 @@ def pack(cfg: PackConfig) -> PackResult:
             pool.shutdown()
 
 
+@contextmanager
+def out_lock(out: Path, *, num_nodes: int = 1, node_rank: int = 0) -> Iterator[None]:
+    """Hold ``OUT/.work/lock`` while packing, so that a second pack into the same folder is refused instead of both
+    writing. A single-node pack locks it exclusively; the nodes of a multi-node pack share it and each locks its own
+    ``lock-node{R}``. ``--out`` is created here (an unwritable one fails now, naming it); when it was new and the
+    pack fails before writing anything, it is removed again."""
+    created = not out.exists()
+    work = out / ".work"
+    names = ["lock"] + ([f"lock-node{node_rank}"] if num_nodes > 1 else [])
+    fds: list[int] = []
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            fds.append(os.open(work / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise PackError(f"--out {out} cannot be written ({exc.filename}: {exc.strerror or exc})") from exc
+    finished = False
+    try:
+        try:
+            fcntl.flock(fds[0], (fcntl.LOCK_EX if num_nodes == 1 else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            if num_nodes > 1:
+                fcntl.flock(fds[1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = "another retina-shard pack" + (f" (node {node_rank})" if num_nodes > 1 else "")
+            raise PackError(f"--out {out} is being written by {who} right now ({work / names[-1]} is locked); "
+                            "wait for it to finish or choose another --out") from None  # fmt: skip
+        yield
+        finished = True
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if created and not finished:
+            for name in names:
+                (work / name).unlink(missing_ok=True)
+            for d in (work, out):
+                try:
+                    d.rmdir()  # only when empty: nothing was written
+                except OSError:
+                    break
+
+
 def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: float) -> PackResult:
     preset = get_preset(
         cfg.preset, id_column=cfg.id_column, label_columns=cfg.label_columns, path_column=cfg.path_column
     )
     table: LabelTable = read_labels(Path(cfg.labels), preset, group_column=cfg.group_column)
-    folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),))
-    frame = table.frame
-    label_rows = frame.height
+    with out_lock(out, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank):
+        folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),), exclude_dirs=(out,))
+        candidates, rejects, strays = _resolve_rows(table.frame, folder, preset)
+        checked = _check_files(folder, candidates, cfg, pool, rejects)
+        return _plan_and_write(cfg, out, pool, t0, preset, table, folder, checked, rejects, strays)
 
-    # Resolve files for rows whose labels fit.
-    rows = frame.to_dicts()
+
+def _resolve_rows(frame: pl.DataFrame, folder: ImageFolder, preset) -> tuple[list[dict], list[dict], list[str]]:
+    """Each label row that fits, with its file under --images; the rejected rows; the files no row names."""
     rejects: list[dict] = []
     claimed: set[str] = set()
     candidates: list[dict] = []
-    for row in rows:
+    for row in frame.to_dicts():
         # A file named by a row counts as labelled even when the row itself is rejected (it is not a stray).
         res = folder.resolve(row["relpath"], preset) if row["reason"] != "unsafe_path" else None
         if res is not None and res.claimed is not None:
@@ -230,23 +301,66 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
     strays = [rel for rel in folder.files if rel not in claimed]
     for rel in strays:
         rejects.append(_reject("image_file", None, None, rel, "no_label_row", "no label row names this file"))
+    return candidates, rejects, strays
 
-    probes = _probe(folder, [r["relpath"] for r in candidates], cfg, pool)
-    accepted: list[tuple[dict, ProbeResult]] = []
-    for row, pr in zip(candidates, probes, strict=True):
+
+def _check_files(folder: ImageFolder, candidates: list[dict], cfg: PackConfig, pool, rejects: list[dict]) -> list:
+    """Read and check every file the rows name, each file once (rows naming the same file, through another spelling
+    or a link, share its result). Returns ``(row, probe, file)`` for the rows whose image passed; rejects the rest."""
+    index: dict = {}  # file identity -> probe index
+    items: list[ProbeItem] = []
+    row_file: list[int] = []
+    for row in candidates:
+        st = folder.files[row["relpath"]]
+        ident = st.identity or row["relpath"]
+        if ident not in index:
+            index[ident] = len(items)
+            items.append(ProbeItem(len(items), row["relpath"], st.size, st.mtime_ns))
+        row_file.append(index[ident])
+    probes = _probe(folder, items, cfg, pool)
+    checked = []
+    for row, i in zip(candidates, row_file, strict=True):
+        pr = probes[i]
         if pr.plan is None:
             rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], pr.reason, pr.detail))
         else:
-            accepted.append((row, pr))
-    if not accepted:
-        reasons = Counter(r["reason"] for r in rejects)
-        raise PackError(
-            f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
-            f"{len(strays)} unlabelled files; rejected: {dict(sorted(reasons.items()))}. "
-            f"Check --preset (now {cfg.preset!r}) and --images."
-        )
+            checked.append((row, pr, i))
+    return checked
 
-    # Keys by id, folds, shuffled shards.
+
+def _plan_and_write(cfg, out, pool, t0, preset, table, folder, checked, rejects, strays) -> PackResult:
+    """Keys, folds and shards for the checked rows, then the shards; made again without files that changed after
+    their check (at most :data:`MAX_PLANS` plans)."""
+    label_rows = table.frame.height
+    for _ in range(MAX_PLANS):
+        accepted, duplicates = split_duplicates([(row, pr) for row, pr, _ in checked])
+        dup_rejects = [_reject("label_row", r["row"], r["id"], r["relpath"], *why) for r, *why in duplicates]
+        if not accepted:
+            reasons = Counter(r["reason"] for r in rejects + dup_rejects)
+            raise PackError(
+                f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
+                f"{len(strays)} unlabelled files; rejected: {dict(sorted(reasons.items()))}. "
+                f"Check --preset (now {cfg.preset!r}) and --images."
+            )
+        result = _write_plan(cfg, out, pool, t0, preset, table, folder, accepted, rejects + dup_rejects, strays)
+        if isinstance(result, PackResult):
+            return result
+        changed = dict(result)  # relpath -> detail
+        files = {i: changed[row["relpath"]] for row, _, i in checked if row["relpath"] in changed}  # file -> detail
+        log.warning("%d files changed after they were checked: rejected, planning again", len(files))
+        for row, _, i in checked:
+            if i in files:
+                rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], "file_changed", files[i]))
+        checked = [c for c in checked if c[2] not in files]
+    raise PackError(
+        f"files under --images {cfg.images} kept changing while they were packed ({MAX_PLANS} plans made); "
+        "pack a copy that nothing writes to"
+    )
+
+
+def _write_plan(cfg, out, pool, t0, preset, table, folder, accepted, rejects, strays) -> PackResult | list:
+    """One plan: keys by id, folds, shuffled shards, written. A :class:`PackResult`, or the files that changed."""
+    label_rows = table.frame.height
     accepted.sort(key=lambda rp: rp[0]["id"])
     n = len(accepted)
     present = preset.classes_present
@@ -268,7 +382,9 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
 
     tasks = _plan_tasks(cfg, folder, accepted, keys, shards, table.metadata_columns, present)
     _remove_stale(out, {s for s, _, _ in shards})
-    done, written = _write_shards(cfg, tasks, pool)
+    done, written, changed = _write_shards(cfg, tasks, pool)
+    if changed:
+        return changed
 
     missing = [s for s, _, _ in shards if s not in done]
     base = dict(
@@ -276,7 +392,7 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
         accepted=n,
         rejected=len(rejects),
         rejected_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        converted_by_reason=_conversion_counts(accepted),
+        converted_by_reason=conversion_counts(accepted),
         samples_per_fold=[int((folds == f).sum()) for f in range(cfg.folds)],
         shards=len(shards),
         shards_written=written,
@@ -292,7 +408,7 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
         )
 
     assert n + len(rejects) == label_rows + len(strays), "every input is accounted for"
-    manifest = _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays)
+    manifest = write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays)
     return PackResult(
         complete=True,
         bytes=sum(m["bytes"] for m in done.values()),
@@ -300,15 +416,6 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
         manifest=manifest,
         **base,
     )
-
-
-def _conversion_counts(accepted) -> dict[str, int]:
-    counts = Counter(
-        c.split("=")[0] if c.startswith(("resize", "exif_orientation")) else c
-        for _, pr in accepted
-        for c in pr.plan.conversions
-    )
-    return dict(sorted(counts.items()))
 
 
 def _plan_tasks(cfg, folder, accepted, keys, shards, meta_cols, present):
@@ -319,12 +426,12 @@ def _plan_tasks(cfg, folder, accepted, keys, shards, meta_cols, present):
             row, pr = accepted[i]
             labels = encode_labels([int(row[c] or 0) for c in CLASSES])
             meta = _sample_json(row, keys[i], fold, pr.plan, meta_cols, present)
-            specs.append(SampleSpec(keys[i], row["relpath"], pr.plan, labels, meta))
+            specs.append(SampleSpec(keys[i], row["relpath"], pr.plan, labels, meta, pr.sha256, pr.size))
         h = hashlib.sha256()
         h.update(json.dumps([FORMAT_VERSION, cfg.resize, cfg.quality]).encode())
         for s, i in zip(specs, idx, strict=True):
             pr = accepted[i][1]
-            h.update(json.dumps([s.key, s.relpath, pr.size, pr.mtime_ns, s.labels.hex(), s.meta]).encode())
+            h.update(json.dumps([s.key, s.relpath, pr.size, pr.mtime_ns, pr.sha256, s.labels.hex(), s.meta]).encode())
         tasks.append(
             ShardTask(
                 out=str(cfg.out),
@@ -371,9 +478,12 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
                 p.unlink()
 
 
-def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[str, dict], int]:
+def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[str, dict], int, list]:
+    """Write this node's shards that are not complete yet; the done-markers by shard, how many were written, and the
+    ``(relpath, detail)`` of source files that changed after their check (their shards are not written)."""
     out = Path(cfg.out)
     done: dict[str, dict] = {}
+    changed: list = []
     todo: list[ShardTask] = []
     for gi, task in enumerate(tasks):
         marker = _read_marker(out, task)
@@ -388,6 +498,10 @@ def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[s
     with tqdm(total=total, desc="write shards", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
         results = (write_shard(t) for t in todo) if pool is None else pool.map(write_shard, todo)
         for marker in results:
+            if "changed" in marker:
+                changed += [tuple(c) for c in marker["changed"]]
+                bar.update(sum(1 for t in todo if t.shard == marker["shard"] for _ in t.samples))
+                continue
             done[marker["shard"]] = marker
             nbytes += marker["bytes"]
             bar.update(marker["samples"])
@@ -396,114 +510,4 @@ def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[s
     for task in tasks:
         if task.shard not in done and (marker := _read_marker(out, task)) is not None:
             done[task.shard] = marker
-    return done, len(todo)
-
-
-def _parquet_bytes(df: pl.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.write_parquet(buf, compression="zstd", statistics=True)
-    return buf.getvalue()
-
-
-def _write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays) -> dict:
-    out = Path(cfg.out)
-    present = preset.classes_present
-    meta_cols = table.metadata_columns
-    # index.parquet in tar order (fold, shard, position).
-    recs = []
-    for shard, fold, idx in shards:
-        stored = done[shard]["stored"]
-        for pos, i in enumerate(idx):
-            row, pr = accepted[i]
-            key, ext, nbytes, width, height = stored[pos]
-            assert key == keys[i], f"{shard}: marker and plan disagree at position {pos}"
-            recs.append(
-                {
-                    "key": key,
-                    "id": row["id"],
-                    "fold": int(fold),
-                    "shard": shard,
-                    **{c: (row[c] if c in present else None) for c in CLASSES},
-                    **{c: row[c] for c in meta_cols},
-                    "group": row["group"],
-                    "path": row["relpath"],
-                    "format": "jpeg" if ext == "jpg" else "png",
-                    "bytes": nbytes,
-                    "width": width,
-                    "height": height,
-                    "conversion": ",".join(pr.plan.conversions) or None,
-                }
-            )
-    schema = {
-        "key": pl.String,
-        "id": pl.String,
-        "fold": pl.Int32,
-        "shard": pl.String,
-        **{c: pl.UInt8 for c in CLASSES},
-        **{c: table.frame.schema[c] for c in meta_cols},
-        "group": pl.String,
-        "path": pl.String,
-        "format": pl.String,
-        "bytes": pl.Int64,
-        "width": pl.Int32,
-        "height": pl.Int32,
-        "conversion": pl.String,
-    }
-    index = pl.DataFrame(recs, schema=schema, orient="row")
-    rej = pl.DataFrame(rejects, schema=REJECT_SCHEMA).sort(["source", "row", "path"], nulls_last=True)
-    index_bytes, rej_bytes = _parquet_bytes(index), _parquet_bytes(rej)
-
-    labels = index.select(CLASSES).fill_null(0).to_numpy()
-    fold_arr = index["fold"].to_numpy()
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "classes": list(CLASSES),
-        "classes_present": list(present),
-        "preset": preset.name,
-        "labels_file": Path(cfg.labels).name,
-        "seed": cfg.seed,
-        "k": cfg.folds,
-        "options": {
-            "shard_samples": cfg.shard_samples,
-            "resize": cfg.resize,
-            "quality": cfg.quality,
-            "check": cfg.check,
-            "group_column": cfg.group_column or (preset.name if preset.group else None),
-        },
-        "counts": {
-            "inputs": label_rows + len(strays),
-            "label_rows": label_rows,
-            "unlabelled_files": len(strays),
-            "accepted": len(accepted),
-            "rejected": len(rejects),
-            "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            "converted_by_reason": _conversion_counts(accepted),
-            "per_fold": [int((fold_arr == f).sum()) for f in range(cfg.folds)],
-            "positives": {c: int(labels[:, j].sum()) for j, c in enumerate(CLASSES) if c in present},
-            "positives_per_fold": {
-                c: [int(labels[fold_arr == f, j].sum()) for f in range(cfg.folds)]
-                for j, c in enumerate(CLASSES)
-                if c in present
-            },
-        },
-        "files": {
-            "index.parquet": hashlib.sha256(index_bytes).hexdigest(),
-            "rejects.parquet": hashlib.sha256(rej_bytes).hexdigest(),
-        },
-        "shards": [
-            {
-                "path": s,
-                "fold": f,
-                "samples": done[s]["samples"],
-                "bytes": done[s]["bytes"],
-                "sha256": done[s]["sha256"],
-                "index": s.removesuffix(".tar") + ".idx",
-            }
-            for s, f, _ in shards
-        ],
-    }
-    write_atomic(out / "index.parquet", index_bytes)
-    write_atomic(out / "rejects.parquet", rej_bytes)
-    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
-    return manifest
+    return done, len(todo), changed

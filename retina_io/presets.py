@@ -6,8 +6,9 @@ table in the code is :data:`CLASS_MAPS`), which columns are kept as metadata and
 
 :func:`read_labels` returns a :class:`LabelTable`: one row per input row, with the 11 class columns (``UInt8``; null
 where the dataset has no such class), metadata columns, and a reject ``reason``/``detail`` for rows that do not fit
-(``bad_label``, ``duplicate_id``, ``unsafe_path``). A table that does not fit the preset at all (its columns absent)
-raises :class:`PresetError` naming the missing columns.
+(``ragged_row``, ``bad_label``, ``duplicate_id``, ``unsafe_path``). A table that does not fit the preset at all (its
+columns absent) raises :class:`PresetError` naming the missing columns; so does one that cannot be read as a table
+(its encoding, repeated column names, no data rows: :mod:`retina_io.tables` reads it strictly).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import polars as pl
 
 from retina_io.errors import RetinaError
 from retina_io.schema import CLASSES
+from retina_io.tables import Table, TableError
+from retina_io.tables import read_table as _read_table
 
 # Columns every index/label table reserves for itself; metadata columns with these names get a preset prefix.
 RESERVED_COLUMNS = frozenset({"key", "id", "fold", "shard", "group", "row", "relpath", "reason", "detail", *CLASSES})
@@ -230,43 +233,13 @@ def get_preset(
     return PRESETS[name]
 
 
-def _separator(path: Path, default: str) -> str:
-    """The header line's separator: ``default`` unless the header has none of it but has ``;`` or a tab (tables
-    saved by spreadsheets in locales where the comma is the decimal mark)."""
-    with open(path, "rb") as f:
-        header = f.readline(1 << 16).decode("utf-8", errors="replace")
-    if default in header:
-        return default
-    return next((c for c in (";", "\t", ",", "|") if c in header), default)
-
-
-def read_table(path: Path) -> pl.DataFrame:
-    """Read a label table (CSV, TSV or parquet, chosen by extension) with every column as a string. A ``.csv``
-    whose header has no comma but semicolons or tabs is read with those."""
-    path = Path(path)
-    if not path.is_file():
-        raise PresetError(f"labels file {path} does not exist or is not a file")
-    suffix = path.suffix.lower()
+def read_table(path: Path) -> Table:
+    """Read a label table strictly (:func:`retina_io.tables.read_table`); a table that cannot be read is a
+    :class:`PresetError`."""
     try:
-        if suffix in (".parquet", ".pq"):
-            df = pl.read_parquet(path)
-            df = df.with_columns(pl.all().cast(pl.String))
-        elif suffix in (".csv", ".tsv", ".txt"):
-            df = pl.read_csv(
-                path,
-                separator=_separator(path, "\t" if suffix == ".tsv" else ","),
-                infer_schema=False,
-                encoding="utf8-lossy",
-                truncate_ragged_lines=True,
-            )
-        else:
-            raise PresetError(f"labels file {path}: unknown table type {suffix!r}; use .csv, .tsv or .parquet")
-    except PresetError:
-        raise
-    except Exception as exc:  # polars raises several exception types for unreadable files
-        raise PresetError(f"labels file {path} could not be read as a table: {exc}") from exc
-    # Strip a UTF-8 byte-order mark and stray whitespace from the header (common in exported spreadsheets).
-    return df.rename({c: c.lstrip("\ufeff").strip() for c in df.columns})
+        return _read_table(path)
+    except TableError as exc:
+        raise PresetError(str(exc)) from exc
 
 
 @dataclass
@@ -364,7 +337,8 @@ def read_labels(
     group_column: str | None = None,
 ) -> LabelTable:
     """Read and validate a label table for ``preset``; see :class:`LabelTable`."""
-    df = read_table(path)
+    table = read_table(path)
+    df = table.frame
     preset = with_columns_of(preset, df.columns)
     needed = list(preset.required) + ([group_column] if group_column else [])
     missing = [c for c in needed if c not in df.columns]
@@ -376,7 +350,9 @@ def read_labels(
             f"(found: {found}). Choose the preset that matches the table, or --preset generic with --id-column and "
             "--label-columns."
         )
-    df = df.with_row_index("row", offset=1)
+    # Rows whose field count differs from the header's: rejected before their values are read (ragged_row).
+    ragged = pl.Series("_ragged", [table.ragged.get(i) for i in range(df.height)], dtype=pl.String)
+    df = df.with_row_index("row", offset=1).with_columns(ragged)
 
     id_raw = pl.col(preset.id_column).str.strip_chars()
     problems: list[pl.Expr] = [pl.when(id_raw.is_null() | (id_raw == "")).then(pl.lit(f"{preset.id_column} is empty"))]
@@ -415,7 +391,7 @@ def read_labels(
     meta_cols = list(dict.fromkeys(preset.metadata))
     if preset.name == "generic":
         used = {preset.id_column, preset.path_column, group_column, *preset.int_columns}
-        meta_cols = [c for c in df.columns if c not in used and c != "row"]
+        meta_cols = [c for c in df.columns if c not in used and c not in ("row", "_ragged")]
     renamed = {c: (f"{preset.name}_{c}" if c in RESERVED_COLUMNS else c) for c in meta_cols}
     meta_exprs = []
     for c in meta_cols:
@@ -428,11 +404,15 @@ def read_labels(
         *class_cols,
         *meta_exprs,
         group=group,
-        reason=pl.when(pl.col("path_problem").is_not_null())
+        reason=pl.when(pl.col("_ragged").is_not_null())
+        .then(pl.lit("ragged_row"))
+        .when(pl.col("path_problem").is_not_null())
         .then(pl.lit("unsafe_path"))
         .when(pl.col("label_problem") != "")
         .then(pl.lit("bad_label")),
-        detail=pl.when(pl.col("path_problem").is_not_null())
+        detail=pl.when(pl.col("_ragged").is_not_null())
+        .then(pl.col("_ragged"))
+        .when(pl.col("path_problem").is_not_null())
         .then(pl.col("path_problem"))
         .when(pl.col("label_problem") != "")
         .then(pl.col("label_problem")),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from retina_io.cli import config_from_args, console_main, setup_logging
+from retina_io.imaging import DEFAULT_MAX_PIXELS
 from retina_io.pack import PackConfig, PackResult, pack
 from retina_io.presets import PRESET_NAMES
 from retina_io.verify import DatasetError, verify
@@ -33,7 +34,13 @@ def _parser() -> argparse.ArgumentParser:
         "--check",
         choices=("decode", "header"),
         default="decode",
-        help="decode: decode every image to catch corrupt files; header: headers and end markers only",
+        help="decode: decode every image to catch corrupt files; header: file structure and end markers only",
+    )
+    pk.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="reject images with more pixels (width x height, read from the header before decoding)",
     )
     pk.add_argument("--group-column", default=None, help="keep all rows sharing this column's value in one fold")
     pk.add_argument("--strict", action="store_true", help="exit non-zero when any input was rejected")
@@ -81,7 +88,7 @@ def format_summary(r: PackResult) -> str:
         lines.append("converted: " + ", ".join(f"{k}={v}" for k, v in r.converted_by_reason.items()))
     if r.rejected:
         lines.append(f"rejected {r.rejected} inputs (see {r.out / 'rejects.parquet'}):")
-        lines += [f"  {reason:<16} {n}" for reason, n in r.rejected_by_reason.items()]
+        lines += [f"  {reason:<22} {n}" for reason, n in r.rejected_by_reason.items()]
     else:
         lines.append("rejected: none")
     if r.complete and r.manifest:
