@@ -23,6 +23,7 @@ Resume: ``iter_epoch(epoch, start_step=N)`` yields exactly the batches an uninte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,35 +52,52 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)
 
 
-@dataclass
-class LoaderConfig:
-    """Everything a loader needs; the defaults are documented in the README (host memory and prefetch)."""
+@dataclass(kw_only=True)
+class LoaderSettings:
+    """The loader settings a run chooses: a run's config holds them (its ``data`` section, ``DataConfig`` in
+    :mod:`retina_train.config`, is one), and every :class:`LoaderConfig` built for the run starts from them
+    (:meth:`LoaderConfig.from_settings`), so training, validation, prediction and ``retina-shard preview --run`` see
+    the same batches."""
+
+    batch_size: int = 64  # per rank
+    backend: str = "dali"  # "dali" or "wds"
+    num_threads: int = 2  # DALI CPU threads / fallback DataLoader workers
+    prefetch_queue_depth: int = 2  # batches prepared ahead (DALI pipeline queue; fallback: per worker)
+    shuffle_buffer: int = 1024  # samples in the train-mode shuffle buffer (DALI initial_fill)
+    # Ben Graham's local contrast normalisation (Kaggle DR 2015), train and eval alike, before mean/std:
+    # x <- clip(4 * (x - GaussianBlur(x, sigma)) + 128, 0, 255) with sigma = local_contrast * image_size; 0: off.
+    # Flattens illumination and colour casts and lifts small lesions; a from-scratch model learns them sooner.
+    local_contrast: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(kw_only=True)
+class LoaderConfig(LoaderSettings):
+    """Everything a loader needs: a run's :class:`LoaderSettings` plus what it reads and how it delivers batches.
+    The defaults are documented in the README (host memory and prefetch)."""
 
     data: Path  # a packed dataset folder (shard format v1)
     folds: Sequence[int]
     mode: str = "train"  # "train" or "eval"
     image_size: int = 224  # the backbone's input size (square)
-    batch_size: int = 64  # per rank
     mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1]
     std: tuple[float, float, float] = IMAGENET_STD
     layout: str = "NCHW"  # "NCHW" or "NHWC" (channels-last memory, NCHW shape)
     dtype: str = "float32"  # "float32", "bfloat16" or "float16"
-    backend: str = "dali"  # "dali" or "wds"
     device: str = "cpu"  # where batches are delivered: "cpu" or "cuda[:N]"
     decode_device: str = "auto"  # DALI: "mixed" (nvJPEG on the GPU), "cpu", or "auto" (mixed when device is cuda)
     hw_decoder_load: float = 0.65  # DALI mixed: share of JPEGs sent to the hardware decoder (A100/H100)
-    num_threads: int = 2  # DALI CPU threads / fallback DataLoader workers
-    prefetch_queue_depth: int = 2  # batches prepared ahead (DALI pipeline queue; fallback: per worker)
-    shuffle_buffer: int = 1024  # samples in the train-mode shuffle buffer (DALI initial_fill)
     eval_crop: float = 1.0  # eval: resize the short side to image_size / eval_crop, center-crop image_size
-    # Ben Graham's local contrast normalisation (Kaggle DR 2015), train and eval alike, before mean/std:
-    # x <- clip(4 * (x - GaussianBlur(x, sigma)) + 128, 0, 255) with sigma = local_contrast * image_size; 0: off.
-    # Flattens illumination and colour casts and lifts small lesions; a from-scratch model learns them sooner.
-    local_contrast: float = 0.0
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def from_settings(cls, settings: LoaderSettings, **fields) -> LoaderConfig:
+        """A loader config with the :class:`LoaderSettings` fields of ``settings`` (e.g. a run's ``data`` section);
+        ``fields`` set the rest and may replace any of them (e.g. ``batch_size`` at prediction)."""
+        shared = {f.name: getattr(settings, f.name) for f in dataclasses.fields(LoaderSettings)}
+        return cls(**{**shared, **fields})
 
     def __post_init__(self) -> None:
         if self.mode not in ("train", "eval"):

@@ -14,8 +14,8 @@ from retina_io.loader import LoaderConfig, build_loader
 from retina_io.pack import PackConfig, pack
 from retina_train.backbones import create_backbone
 from retina_train.config import resolve_config, to_dict
-from retina_train.engine import predict
 from retina_train.evaluate import EvalConfig, EvalError, evaluate_external, main
+from retina_train.inference import predict
 from retina_train.oof import write_oof
 
 BACKBONES = ("tiny_resnet", "tiny_vit")
@@ -27,7 +27,7 @@ def _fake_training(runs: Path, data: Path) -> None:
 
     ds = PackedDataset.open(data)
     for b, name in enumerate(BACKBONES):
-        cfg = resolve_config(name, overrides={"data": {"data": str(data), "image_size": 48}, "out": str(runs)})
+        cfg = resolve_config(name, overrides={"data": {"dataset": str(data), "image_size": 48}, "out": str(runs)})
         model_dir = runs / name
         model_dir.mkdir(parents=True)
         (model_dir / "config.json").write_text(json.dumps(to_dict(cfg)))

@@ -166,13 +166,13 @@ def test_classes_the_dataset_does_not_label_stay_out_of_the_loss(tmp_path):
     from retina_io.synth import generate_dataset
     from retina_train.backbones import create_backbone
     from retina_train.config import resolve_config
-    from retina_train.engine import run_folds
+    from retina_train.trainer import run_folds
 
     lab = generate_dataset(tmp_path / "aptos", n=48, size=64, seed=7, workers=1, layout="aptos", progress=False)
     data = tmp_path / "shards"
     pack(PackConfig(images=lab.parent / "train_images", labels=lab, preset="aptos", out=data, folds=2, workers=1,
                     progress=False))  # fmt: skip
-    cfg = resolve_config("tiny_resnet", overrides={"data": {"data": str(data), "batch_size": 8},
+    cfg = resolve_config("tiny_resnet", overrides={"data": {"dataset": str(data), "batch_size": 8},
                                                    "train": {"device": "cpu", "epochs": 1, "folds": "0", "seed": 0},
                                                    "out": str(tmp_path / "runs")})  # fmt: skip
     run_folds(cfg)
