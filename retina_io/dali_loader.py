@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed
+from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
 from retina_io.schema import parse_key
 
 log = logging.getLogger(__name__)

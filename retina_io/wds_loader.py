@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
+from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
 from retina_io.schema import decode_labels, parse_key
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
