@@ -22,8 +22,8 @@ from benchmarks.common import BenchResult, Row, ensure_images, ensure_packed
 from retina_io.loader import LoaderConfig, build_loader
 from retina_train.backbones import BACKBONES, PAPER_BACKBONES, TINY_BACKBONES, create_backbone
 from retina_train.config import RunConfig
+from retina_train.distributed import init_distributed
 from retina_train.ds_config import build_ds_config
-from retina_train.engine import init_distributed
 
 GOAL = 0.97
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from retina_io.dataset import DatasetError
-from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed
+from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
 from retina_io.schema import parse_key
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from retina_io.dataset import PackedDataset
-from retina_io.loader import AugmentConfig, LoaderConfig, build_loader
+from retina_io.loader import LoaderConfig, LoaderSettings, build_loader
 from retina_io.schema import CLASSES, format_key
 from retina_io.synth import caption_font
 
@@ -27,18 +27,18 @@ def write_batch_preview(
     image_size: int = 224,
     n: int = 16,
     folds: tuple[int, ...] | None = None,
-    local_contrast: float = 0.0,
-    augment: AugmentConfig | None = None,
-    backend: str = "dali",
+    settings: LoaderSettings | None = None,
     seed: int = 0,
 ) -> Path:
-    """Draw the first batch of ``n`` samples the loader yields for these settings into the PNG ``out``."""
+    """Draw the first batch of ``n`` samples the loader yields with ``settings`` (a run's ``data`` section, or the
+    defaults: backend, threads, shuffle buffer, local contrast, augmentations) into the PNG ``out``."""
     ds = PackedDataset.open(data)
-    cfg = LoaderConfig(
-        data=Path(data), folds=folds if folds is not None else range(ds.k), mode=mode, image_size=image_size,
-        batch_size=n, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), backend=backend, num_threads=2, seed=seed,
-        local_contrast=local_contrast, augment=augment or AugmentConfig(),
+    settings = settings if settings is not None else LoaderSettings()
+    cfg = LoaderConfig.from_settings(
+        settings, data=Path(data), folds=folds if folds is not None else range(ds.k), mode=mode,
+        image_size=image_size, batch_size=n, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed=seed,
     )  # fmt: skip
+    local_contrast, backend = cfg.local_contrast, cfg.backend
     batch = next(iter(build_loader(cfg).iter_epoch(0)))
     pixels = (batch.images.float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     captions = []

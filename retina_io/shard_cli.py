@@ -11,7 +11,7 @@ from retina_io.cli import config_from_args, console_main, setup_logging
 from retina_io.imaging import DEFAULT_MAX_PIXELS
 from retina_io.pack import PackConfig, PackResult, pack
 from retina_io.presets import PRESET_NAMES
-from retina_io.verify import DatasetError, verify
+from retina_io.verify import verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         "--run",
         type=Path,
         default=None,
-        help="a trained backbone's folder (runs/EXP/MODEL): its image size, augmentations, local contrast",
+        help="a trained backbone's folder (runs/EXP/MODEL): its loader settings (image size, augmentations, local "
+        "contrast, backend, threads, shuffle buffer)",
     )
     pv.add_argument("--image-size", type=int, default=None, help="default: the run's, else 224")
     pv.add_argument("--n", type=int, default=16, help="images in the sheet")
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Graham's sigma / image size, 0: off (default: the run's, else 0)",
     )
-    pv.add_argument("--backend", choices=("dali", "wds"), default="dali")
+    pv.add_argument("--backend", choices=("dali", "wds"), default=None, help="default: the run's, else dali")
     pv.add_argument("--seed", type=int, default=0)
     return p
 
@@ -99,6 +100,27 @@ def format_summary(r: PackResult) -> str:
     return "\n".join(lines)
 
 
+def _preview(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from retina_io.loader import LoaderSettings
+    from retina_io.preview import write_batch_preview
+
+    folds = tuple(int(f) for f in args.folds.split(",")) if args.folds else None
+    settings, image_size = LoaderSettings(), 224
+    if args.run is not None:  # a run's config, read as training reads it (retina_train sits above retina_io)
+        from retina_train.config import read_run_config
+
+        data = read_run_config(args.run).data
+        settings, image_size = data, data.image_size or image_size
+    chosen = {"backend": args.backend, "local_contrast": args.local_contrast}
+    settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
+    path = write_batch_preview(args.folder, args.out, mode=args.mode, n=args.n, folds=folds, seed=args.seed,
+                               image_size=args.image_size or image_size, settings=settings)  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     return console_main("retina-shard", _run, argv)
 
@@ -107,26 +129,7 @@ def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     if args.command == "preview":
-        from retina_io.loader import AugmentConfig
-        from retina_io.preview import write_batch_preview
-
-        folds = tuple(int(f) for f in args.folds.split(",")) if args.folds else None
-        data_cfg: dict = {}
-        if args.run is not None:
-            cfg_file = args.run / "config.json"
-            if not cfg_file.is_file():
-                raise DatasetError(f"--run {args.run}: no config.json (a runs/EXP/MODEL folder has one)")
-            data_cfg = json.loads(cfg_file.read_text())["data"]
-        augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in data_cfg.get("augment", {}).items()})  # fmt: skip
-        path = write_batch_preview(
-            args.folder, args.out, mode=args.mode, n=args.n, folds=folds, backend=args.backend, seed=args.seed,
-            image_size=args.image_size or data_cfg.get("image_size") or 224, augment=augment,
-            local_contrast=args.local_contrast if args.local_contrast is not None
-            else data_cfg.get("local_contrast", 0.0),
-        )  # fmt: skip
-        print(f"wrote {path}")
-        return 0
+        return _preview(args)
     if args.command == "verify":
         rep = verify(args.folder, progress=not args.no_progress)
         print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")

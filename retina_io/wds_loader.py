@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from retina_io.dataset import DatasetError
-from retina_io.loader import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
+from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
 from retina_io.schema import decode_labels, parse_key
 from retina_io.tario import MemberError, split_member
 

@@ -7,6 +7,7 @@ resolve to the same config (up to the fields in :data:`VOLATILE`) or it is refus
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,37 +16,37 @@ from typing import Any
 import yaml
 
 from retina_io.errors import RetinaError
-from retina_io.loader import AugmentConfig
+from retina_io.loader import LoaderSettings
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Fields that may change between a run and its resumption without changing what is computed.
 VOLATILE = {"train.folds", "train.resume", "train.log_interval", "data.num_threads", "data.prefetch_queue_depth",
             "train.checkpoint_every", "out"}  # fmt: skip
+# Keys renamed since runs were first written: old name -> new (dotted); an old config.json still reads and resumes.
+RENAMED = {"data.data": "data.dataset"}
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "tiny_resnet"
-    pretrained: str = "none"  # "timm" (timm's weights) or "none" (random init)
+    pretrained: str = field(default="none", metadata={"choices": ("timm", "none")})  # timm's weights or random init
     pretrained_file: str | None = None  # a local weights file (RETFound: its MAE .pth)
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     layer_decay: float | None = None  # None: the backbone's default (RETFound 0.65), else no decay
 
 
-@dataclass
-class DataConfig:
-    data: str = ""  # packed dataset folder (shard format v1)
+@dataclass(kw_only=True)
+class DataConfig(LoaderSettings):
+    """The data section: the loader settings (batch size, backend, threads, prefetch, shuffle buffer, local contrast,
+    augmentations: :class:`retina_io.loader.LoaderSettings`, the loader reads them from here) plus the run's own."""
+
+    dataset: str = ""  # packed dataset folder (shard format v1); `--data`. Written as `data.data` before.
     image_size: int = 0  # 0: the backbone's input size
     batch_size: int = 32  # micro batch per rank
     grad_accum: int = 1
-    backend: str = "dali"  # "dali" or "wds"
-    num_threads: int = 2
-    prefetch_queue_depth: int = 2
-    shuffle_buffer: int = 1024
+    backend: str = field(default="dali", metadata={"choices": ("dali", "wds")})
     channels_last: bool = True  # CNNs on a GPU
-    local_contrast: float = 0.0  # Graham's local contrast normalisation, sigma / image_size (0: off); see LoaderConfig
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -64,14 +65,16 @@ class TrainConfig:
     epochs: int = 10
     folds: str = "all"  # "all" or "0,2"
     seed: int = 0
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    precision: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu), "fp32", "bf16"
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    # "auto": bf16 on cuda, fp32 on cpu. bf16/fp16: DeepSpeed's torch_autocast (Linear/Conv2d in that dtype, weights
+    # and optimizer state fp32; fp16 with a gradient scaler); fp32: no autocast.
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
     zero_stage: int = 0
     compile: bool = False  # torch.compile the model (GPU)
     checkpoint_every: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: at each epoch's end only)
     log_interval: int = 10
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON, used instead of the generated one
-    resume: bool = False  # resume explicitly (a folder holding a checkpoint is resumed anyway)
+    resume: bool = False  # require something to resume (a folder holding a checkpoint is resumed anyway)
 
 
 @dataclass
@@ -99,7 +102,23 @@ def _merge(obj: Any, updates: dict, where: str) -> None:
                 raise ConfigError(f"{where}: {key} must be a mapping")
             _merge(current, value, f"{where}.{key}")
         else:
-            setattr(obj, key, _coerce(value, typing.get_type_hints(type(obj))[key], f"{where}.{key}"))
+            value = _coerce(value, typing.get_type_hints(type(obj))[key], f"{where}.{key}")
+            choices = names[key].metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{where}.{key}: must be one of {', '.join(choices)}; got {value!r}")
+            setattr(obj, key, value)
+
+
+def _upgrade(d: dict) -> dict:
+    """``d`` with the keys of :data:`RENAMED` under their new names (a copy; ``d`` itself is left alone)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, new in RENAMED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = d.get(osec)
+        if isinstance(section, dict) and okey in section:
+            value = section.pop(okey)
+            d.setdefault(nsec, {}).setdefault(nkey, value)
+    return d
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -163,11 +182,11 @@ def resolve_config(backbone: str, *, config_file: Path | None = None, overrides:
     cfg.model.backbone = backbone
     preset = CONFIG_DIR / f"{backbone}.yaml"
     if preset.is_file():
-        _merge(cfg, load_yaml(preset), str(preset))
+        _merge(cfg, _upgrade(load_yaml(preset)), str(preset))
     if config_file is not None:
-        _merge(cfg, load_yaml(config_file), str(config_file))
+        _merge(cfg, _upgrade(load_yaml(config_file)), str(config_file))
     if overrides:
-        _merge(cfg, overrides, "command line")
+        _merge(cfg, _upgrade(overrides), "command line")
     cfg.model.backbone = backbone
     return cfg
 
@@ -183,10 +202,24 @@ def to_dict(cfg: RunConfig) -> dict:
     return conv(cfg)
 
 
-def from_dict(d: dict) -> RunConfig:
+def from_dict(d: dict, *, where: str = "config") -> RunConfig:
+    """A config from its dict (``to_dict``'s, e.g. a run's ``config.json``); keys it lacks keep their defaults and
+    keys renamed since (:data:`RENAMED`) are read under their new names."""
     cfg = RunConfig()
-    _merge(cfg, d, "config")
+    _merge(cfg, _upgrade(d), where)
     return cfg
+
+
+def read_run_config(model_dir: Path) -> RunConfig:
+    """The resolved config a backbone's run folder (``runs/EXP/MODEL``) was trained with, from its ``config.json``."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: no config.json (a trained backbone's folder runs/EXP/MODEL has one)")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON: {exc}") from exc
+    return from_dict(d, where=str(path))
 
 
 def _with_defaults(d: dict) -> dict:

@@ -64,9 +64,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from retina_io.synth import generate_dataset
     from retina_train.backbones import PAPER_BACKBONES, TINY_BACKBONES
     from retina_train.config import resolve_config
-    from retina_train.engine import resolve_device, run_folds
+    from retina_train.distributed import resolve_device
     from retina_train.evaluate import EvalConfig, evaluate_external
     from retina_train.stack import StackConfig, run_stack
+    from retina_train.trainer import run_folds
 
     device = resolve_device(cfg.device)
     backbones = TINY_BACKBONES if cfg.backbones == "tiny" else PAPER_BACKBONES
@@ -144,7 +145,7 @@ class DemoError(RetinaError, ValueError):
 
 def _claim_out(out: Path, data_settings: dict) -> None:
     """A rerun into ``out`` reuses its data, shards and finished folds, so it must ask for the same data; otherwise
-    it is refused naming what differs (training settings are checked by the engine, per backbone)."""
+    it is refused naming what differs (training settings are checked by the trainer, per backbone)."""
     record = out / "demo.json"
     if record.is_file():
         before = json.loads(record.read_text())
@@ -159,7 +160,7 @@ def _claim_out(out: Path, data_settings: dict) -> None:
 
 def backbone_overrides(cfg: DemoConfig, name: str, *, data: Path, runs: Path, device: str) -> dict:
     """The demo's settings for one backbone's run, over its ``retina_train/configs/NAME.yaml``."""
-    o: dict = {"model": {}, "data": {"data": str(data)}, "train": {"device": device, "seed": cfg.seed},
+    o: dict = {"model": {}, "data": {"dataset": str(data)}, "train": {"device": device, "seed": cfg.seed},
                "out": str(runs)}  # fmt: skip
     if cfg.backbones == "tiny":
         o["data"]["image_size"] = cfg.image_size

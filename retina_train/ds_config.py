@@ -3,7 +3,8 @@
 Precision: on a GPU the default is DeepSpeed's ``torch_autocast`` section with bfloat16 — weights, optimizer state
 and BatchNorm statistics stay fp32, only Linear/Conv2d compute in bf16 — rather than DeepSpeed's ``bf16`` mode, which
 would hold the weights (and BatchNorm running statistics) in bf16 with fp32 master copies in the optimizer. On the
-CPU: fp32, and ``torch_adam`` (DeepSpeed's fused Adam needs CUDA).
+CPU: fp32 by default, and ``torch_adam`` (DeepSpeed's fused Adam needs CUDA). ``fp16`` is the same autocast with
+float16 (DeepSpeed adds a gradient scaler); ``fp32``: no autocast.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 
 from retina_train.config import ConfigError, RunConfig
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train.precision -> torch_autocast dtype; fp32: none
 
 
 def build_ds_config(
@@ -67,8 +70,10 @@ def build_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+    if precision in AUTOCAST_DTYPES:
+        ds["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision],
                                 "lower_precision_safe_modules": ["torch.nn.modules.linear.Linear",
                                                                  "torch.nn.modules.conv.Conv2d"]}  # fmt: skip
+    elif precision != "fp32":
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16 (auto resolved); got {precision!r}")
     return ds

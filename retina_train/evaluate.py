@@ -1,6 +1,6 @@
 """``retina-eval``: zero-shot evaluation of a trained run on an external packed dataset.
 
-Every fold model of every backbone predicts every sample (:mod:`retina_train.ensemble`; per backbone the mean of its
+Every fold model of every backbone predicts every sample (:mod:`retina_train.inference`; per backbone the mean of its
 k fold models), the saved meta-learner turns the ``MODEL__CLASS`` table into 11 probabilities, and the result is
 scored against the dataset's own labels through its preset's mapping — only on the classes the dataset labels
 (``classes_present``: RFMiD several, AIROGS only GC, the DR sets only DR), with bootstrap CIs — for each backbone,
@@ -22,7 +22,7 @@ import polars as pl
 from retina_io.cli import console_main, setup_logging
 from retina_io.dataset import PackedDataset
 from retina_io.errors import RetinaError
-from retina_train.ensemble import predict_runs
+from retina_train.inference import predict_runs
 from retina_train.stack import metrics
 from retina_train.stack.rows import MEAN_ROW, META_ROW
 
@@ -176,7 +176,7 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     setup_logging()
-    from retina_train.engine import resolve_device
+    from retina_train.distributed import resolve_device
 
     device = resolve_device(args.device)
     cfg = EvalConfig(

@@ -1,4 +1,4 @@
-"""Out-of-fold prediction shards (DESIGN.md, contract 3) and their exactly-once check.
+"""Out-of-fold prediction shards (docs/contracts.md, contract 3) and their exactly-once check.
 
 ``runs/EXP/MODEL/fold{k}/oof-rank{R}.parquet``: ``key`` (String, the shard key), ``fold`` (Int32), then one
 ``Float32`` probability column per class named as the class. Each rank writes the samples it predicted (padded rows

@@ -4,8 +4,10 @@
         [--folds all|0,2] [--config FILE.yaml] [--epochs E] [--batch-size B] [--image-size PX] [--lr LR] \\
         [--device auto|cpu|cuda] [--pretrained timm|none] [--pretrained-file PATH] [--set section.key=value ...]
 
-``python retina_train/run.py ...`` without the launcher runs one process. The config resolves as dataclass defaults
-<- ``retina_train/configs/BACKBONE.yaml`` <- ``--config`` <- the flags here, and is written beside the run.
+``python retina_train/run.py ...`` without the launcher runs one process. The launcher runs this file as a script,
+so the project must be installed (``pip install -e .``, as ``scripts/test.sh`` does) for its packages to import.
+The config resolves as dataclass defaults <- ``retina_train/configs/BACKBONE.yaml`` <- ``--config`` <- the flags
+here, and is written beside the run.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (the DeepSpeed launcher does this): make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml
 
@@ -41,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained", choices=("timm", "none"))
     p.add_argument("--pretrained-file", help="local weights (RETFound: its MAE checkpoint .pth)")
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON to use instead of the generated one")
-    p.add_argument("--resume", action="store_true", help="resume (a folder holding a checkpoint resumes anyway)")
+    p.add_argument("--resume", action="store_true",
+                   help="require an earlier run to continue: refuse when --out holds no checkpoint or finished fold "
+                   "(without it a folder holding a checkpoint resumes too)")  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--set",
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
-    o: dict = {"model": {}, "data": {"data": args.data}, "optim": {}, "train": {}, "out": args.out}
+    o: dict = {"model": {}, "data": {"dataset": args.data}, "optim": {}, "train": {}, "out": args.out}
     flat = {("train", "folds"): args.folds, ("train", "epochs"): args.epochs, ("data", "batch_size"): args.batch_size,
             ("data", "image_size"): args.image_size, ("optim", "lr"): args.lr, ("train", "device"): args.device,
             ("data", "backend"): args.backend, ("model", "pretrained"): args.pretrained,
@@ -84,7 +85,8 @@ def _run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     setup_logging(fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = resolve_config(args.backbone, config_file=args.config, overrides=overrides_from(args))
-    from retina_train.engine import rank_world, run_folds
+    from retina_train.distributed import rank_world
+    from retina_train.trainer import run_folds
 
     summary = run_folds(cfg)
 

@@ -24,16 +24,44 @@ from retina_train.ds_config import build_ds_config
 
 @pytest.mark.parametrize("name", TINY_BACKBONES)
 def test_tiny_backbones_forward_backward(name):
+    """A BCE backward pass reaches every trainable tensor with a finite, non-zero gradient. ResNet (zero-init last BN
+    of each block) and SwinV2 (zero-init residual post-norms) block the gradient of their residual branches until
+    those gains have moved, so the check is after one optimizer step; the gains themselves get one from the start."""
+    torch.manual_seed(0)
     model = create_backbone(name, image_size=64)
-    out = model(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, 11)
-    out.sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 64, 64), (torch.rand(4, 11) > 0.7).float()
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(x)
+        assert out.shape == (4, 11)
+        torch.nn.functional.binary_cross_entropy_with_logits(out, y).backward()
+        opt.step()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    without = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum()]
+    assert not without, f"no finite non-zero gradient: {without[:8]}"
 
 
-def test_paper_backbones_are_registered():
-    assert set(PAPER_BACKBONES) <= set(BACKBONES)
-    assert BACKBONES["swinv2_base_window12_192"].image_size == 192
-    assert BACKBONES["retfound"].layer_decay == 0.65
+@pytest.mark.parametrize("name", PAPER_BACKBONES)
+def test_paper_backbones_are_the_papers_models(name):
+    """Each of the paper's six is built by timm (weights-free, on the meta device) with an 11-class head, at the input
+    size timm's pretrained weights were trained at (SwinV2 window 12 at 192 px, EfficientNetV2-M at 384)."""
+    spec = BACKBONES[name]
+    paper = {"resnet50": (224, "ResNet"), "tf_efficientnetv2_m": (384, "EfficientNet"),
+             "convnextv2_base": (224, "ConvNeXt"), "vit_base_patch16_224": (224, "VisionTransformer"),
+             "swinv2_base_window12_192": (192, "SwinTransformerV2"),
+             "retfound": (224, "VisionTransformer")}  # fmt: skip
+    size, cls = paper[name]
+    assert spec.image_size == size == timm.models.get_pretrained_cfg(spec.timm_name).input_size[-1]
+    with torch.device("meta"):
+        model = create_backbone(name)
+        assert model(torch.empty(2, 3, size, size)).shape == (2, 11)
+    assert type(model).__name__ == cls
+    if name == "retfound":  # RETFound: ViT-L/16, global average pooling + fc_norm, no final norm; layer decay 0.65
+        assert (model.embed_dim, len(model.blocks), model.patch_embed.patch_size) == (1024, 24, (16, 16))
+        assert model.global_pool == "avg" and isinstance(model.fc_norm, torch.nn.LayerNorm)
+        assert isinstance(model.norm, torch.nn.Identity) and spec.layer_decay == 0.65
 
 
 def _fake_retfound_checkpoint(path: Path, *, grid_px: int = 96) -> dict:
@@ -147,9 +175,26 @@ def test_config_values_take_the_field_type_or_are_refused():
     for bad, where in [({"optim": {"lr": "fast"}}, "optim.lr"), ({"train": {"epochs": 2.5}}, "train.epochs"),
                        ({"optim": {"pos_weight": "yes"}}, "optim.pos_weight"),
                        ({"data": {"augment": {"random_area": [0.5]}}}, "data.augment.random_area"),
-                       ({"model": {"pretrained": ["timm"]}}, "model.pretrained")]:  # fmt: skip
+                       ({"model": {"pretrained": ["timm"]}}, "model.pretrained"),
+                       ({"train": {"precision": "bfloat16"}}, "train.precision: must be one of auto, fp32, bf16, fp16"),
+                       ({"train": {"device": "gpu"}}, "train.device"),
+                       ({"data": {"backend": "pil"}}, "data.backend")]:  # fmt: skip
         with pytest.raises(ConfigError, match=where):
             resolve_config("tiny_vit", overrides=bad)
+
+
+def test_an_old_run_config_with_renamed_keys_still_reads_and_resumes(tmp_path):
+    from retina_train.config import read_run_config
+
+    cfg = resolve_config("tiny_vit", overrides={"data": {"dataset": "shards/x"}})
+    old = to_dict(cfg)
+    old["data"]["data"] = old["data"].pop("dataset")  # how runs wrote the dataset folder before it was renamed
+    assert config_differences(old, to_dict(cfg)) == []
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert read_run_config(tmp_path).data.dataset == "shards/x"
+    assert resolve_config("tiny_vit", overrides={"data": {"data": "shards/y"}}).data.dataset == "shards/y"
+    with pytest.raises(ConfigError, match="no config.json"):
+        read_run_config(tmp_path / "nothing")
 
 
 def test_deepspeed_config_precision():
@@ -160,6 +205,12 @@ def test_deepspeed_config_precision():
     gpu = build_ds_config(cfg, world_size=8, total_steps=100, warmup_steps=10, device="cuda", precision="bf16")
     assert gpu["torch_autocast"]["dtype"] == "bfloat16" and "bf16" not in gpu, "fp32 weights and BatchNorm stats"
     assert gpu["optimizer"]["params"]["torch_adam"] is False
+    fp16 = build_ds_config(cfg, world_size=1, total_steps=100, warmup_steps=10, device="cuda", precision="fp16")
+    assert fp16["torch_autocast"]["dtype"] == "float16" and "fp16" not in fp16
+    cpu_bf16 = build_ds_config(cfg, world_size=1, total_steps=100, warmup_steps=10, device="cpu", precision="bf16")
+    assert cpu_bf16["torch_autocast"]["dtype"] == "bfloat16", "asked for on a CPU: honoured, not silently fp32"
+    with pytest.raises(ConfigError, match="precision"):
+        build_ds_config(cfg, world_size=1, total_steps=100, warmup_steps=10, device="cpu", precision="fp64")
 
 
 def test_user_deepspeed_json_must_match_batch(tmp_path):

@@ -51,7 +51,7 @@ def test_paper_mode_overrides(tmp_path):
     kw = dict(data=tmp_path / "shards", runs=tmp_path / "runs", device="cpu")
     resnet = resolve_config("resnet50", overrides=backbone_overrides(cfg, "resnet50", **kw))
     assert resnet.data.image_size == 224 and resnet.train.epochs == 2 and resnet.model.pretrained == "none"
-    assert resnet.data.data == str(tmp_path / "shards") and resnet.out == str(tmp_path / "runs")
+    assert resnet.data.dataset == str(tmp_path / "shards") and resnet.out == str(tmp_path / "runs")
     retfound = resolve_config("retfound", overrides=backbone_overrides(cfg, "retfound", **kw))
     assert retfound.model.pretrained_file == str(weights) and retfound.model.layer_decay == 0.65
     timm_cfg = DemoConfig(backbones="paper", pretrained="timm")

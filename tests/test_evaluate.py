@@ -14,8 +14,8 @@ from retina_io.loader import LoaderConfig, build_loader
 from retina_io.pack import PackConfig, pack
 from retina_train.backbones import create_backbone
 from retina_train.config import resolve_config, to_dict
-from retina_train.engine import predict
 from retina_train.evaluate import EvalConfig, EvalError, evaluate_external, main
+from retina_train.inference import predict
 from retina_train.oof import write_oof
 
 BACKBONES = ("tiny_resnet", "tiny_vit")
@@ -27,7 +27,7 @@ def _fake_training(runs: Path, data: Path) -> None:
 
     ds = PackedDataset.open(data)
     for b, name in enumerate(BACKBONES):
-        cfg = resolve_config(name, overrides={"data": {"data": str(data), "image_size": 48}, "out": str(runs)})
+        cfg = resolve_config(name, overrides={"data": {"dataset": str(data), "image_size": 48}, "out": str(runs)})
         model_dir = runs / name
         model_dir.mkdir(parents=True)
         (model_dir / "config.json").write_text(json.dumps(to_dict(cfg)))
@@ -92,6 +92,35 @@ def test_zero_shot_on_external_layouts(trained, layout, expected):
     ):
         assert (out / name).is_file(), name
     assert 0.0 <= result.macro() <= 1.0
+
+
+def test_fold_models_predict_any_batch_source(trained):
+    """What ``retina-predict`` will do: the fold models of a backbone folder over batches it makes itself (no labels;
+    bare image tensors get their position as key) give what the packed-dataset path gives."""
+    import numpy as np
+
+    from retina_io.loader import Batch
+    from retina_train.inference import BackboneRun, fold_mean, predict_backbone
+
+    data, model_dir = trained / "shards" / "aptos", trained / "runs" / "tiny_resnet"
+    keys, probs = predict_backbone(model_dir, data, backend="wds", num_threads=1)
+    run = BackboneRun.open(model_dir)
+    assert run.settings.image_size == 48 and len(run.weights) == 3
+
+    def loader_for(model):
+        return build_loader(run.loader_config(model, data=data, folds=range(2), mode="eval", batch_size=64,
+                                              backend="wds", num_threads=1))  # fmt: skip
+
+    unlabelled = fold_mean(run, lambda model: [Batch(b.images, None, b.keys) for b in loader_for(model).iter_epoch(0)])
+    assert np.array_equal(unlabelled[0], keys) and np.array_equal(unlabelled[1], probs)
+    model = run.load(run.weights[0])
+    k, p, y = predict(model, loader_for(model), "cpu")
+    assert y is not None and len(k) == len(y) == PackedDataset.open(data).index().height
+    images = [b.images[b.keys >= 0] for b in loader_for(model).iter_epoch(0)]
+    k2, p2, y2 = predict(model, images, "cpu")
+    assert y2 is None and np.array_equal(k2, np.arange(len(k))) and np.abs(p2 - p).max() < 1e-5
+    k3, p3, _ = predict(model, [], "cpu")
+    assert k3.shape == (0,) and p3.shape == (0, 11)
 
 
 def test_errors_name_the_input(trained, tmp_path, capsys):

@@ -122,16 +122,47 @@ def test_resume_yields_exactly_the_remaining_batches(packed, backend):
     assert np.allclose(rimages, images[4 * 8 :]), "same samples with the same augmentation"
 
 
+@pytest.fixture(scope="module")
+def square(tmp_path_factory) -> Path:
+    """Square images: a crop of the whole image then is the eval path's resize + center crop."""
+    root = tmp_path_factory.mktemp("square")
+    images, labels = write_synfundus_folder(root / "src", 12, seed=1, size=(48, 48))
+    pack(PackConfig(images=images, labels=labels, preset="synfundus", out=root / "shards", folds=2, shard_samples=6,
+                    workers=1, progress=False))  # fmt: skip
+    return root / "shards"
+
+
+def _by_key(loader) -> dict[int, np.ndarray]:
+    keys, _, images, _ = _epoch(loader)
+    return {k: images[i] for i, k in enumerate(keys) if k >= 0}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_augmentations_can_be_switched_off_or_on(packed, backend):
+def test_augmentations_off_is_the_eval_path_on_changes_the_pixels(square, backend):
+    from dataclasses import replace
+
     from retina_io.loader import AugmentConfig
 
     off = AugmentConfig(random_area=(1.0, 1.0), random_aspect_ratio=(1.0, 1.0), hflip=0.0, rotate_degrees=0.0,
                         brightness=0.0, contrast=0.0, saturation=0.0, hue_degrees=0.0)  # fmt: skip
-    on = AugmentConfig(vflip=0.5, gamma=(0.8, 1.25), blur_probability=0.5)
-    for aug in (off, on):
-        batch = next(iter(build_loader(_cfg(packed, backend, mode="train", augment=aug)).iter_epoch(0)))
-        assert batch.images.shape == (8, 3, 32, 32) and torch.isfinite(batch.images.float()).all()
+
+    def images(mode: str, aug: AugmentConfig = off) -> dict[int, np.ndarray]:
+        return _by_key(build_loader(_cfg(square, backend, folds=(0, 1), mode=mode, augment=aug)))
+
+    plain = images("eval")
+    assert len(plain) == 12
+    same = images("train")
+    assert same.keys() == plain.keys()
+    assert max(np.abs(same[k] - plain[k]).max() for k in plain) < 1e-5, "augmentations off: the eval pixels"
+    flipped, upside_down = images("train", replace(off, hflip=1.0)), images("train", replace(off, vflip=1.0))
+    for k in plain:  # C x H x W
+        assert np.abs(flipped[k] - plain[k][:, :, ::-1]).max() < 1e-5
+        assert np.abs(upside_down[k] - plain[k][:, ::-1, :]).max() < 1e-5
+    on = images("train", AugmentConfig(vflip=0.5, gamma=(0.8, 1.25), blur_probability=0.5))
+    assert on.keys() == plain.keys()
+    changed = [float(np.abs(on[k] - plain[k]).mean()) for k in plain]
+    assert min(changed) > 0.05, changed
+    assert all(np.isfinite(v).all() for v in on.values())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -226,4 +257,39 @@ def test_batch_preview_draws_what_the_loader_yields(packed, tmp_path):
     assert np.abs(drawn.astype(int) - first.astype(int)).max() <= 1
     assert shard_main(["preview", str(packed), "--out", str(tmp_path / "c.png"), "--n", "2", "--image-size", "32",
                        "--local-contrast", "0.05", "--backend", "wds"]) == 0  # fmt: skip
-    assert (tmp_path / "c.png").is_file()
+    sheet = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    assert sheet.shape == (text_h + tile + 2 * text_h, 2 * tile, 3), "two tiles in one row"
+    batch = next(iter(build_loader(_cfg(packed, "wds", mode="train", batch_size=2, local_contrast=0.05,
+                                        num_threads=2, mean=(0.0,) * 3, std=(1.0,) * 3)).iter_epoch(0)))  # fmt: skip
+    for i in range(2):  # the train batch the CLI's settings give, augmentations and local contrast included
+        want = (batch.images[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        drawn = sheet[text_h : text_h + tile : 3, i * tile : (i + 1) * tile : 3]
+        assert np.abs(drawn.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_batch_preview_of_a_run_uses_its_loader_settings(packed, tmp_path, capsys):
+    from PIL import Image
+
+    from retina_io.loader import AugmentConfig
+    from retina_io.shard_cli import main as shard_main
+    from retina_train.config import resolve_config, to_dict
+
+    run = tmp_path / "runs" / "tiny_resnet"
+    run.mkdir(parents=True)
+    over = {"data": {"image_size": 48, "local_contrast": 0.08, "backend": "wds", "augment": {"hflip": 1.0}}}
+    (run / "config.json").write_text(json.dumps(to_dict(resolve_config("tiny_resnet", overrides=over))))
+    for mode in ("eval", "train"):
+        out = tmp_path / f"{mode}.png"
+        assert shard_main(["preview", str(packed), "--run", str(run), "--mode", mode, "--n", "2", "--folds", "0",
+                           "--out", str(out)]) == 0  # fmt: skip
+        sheet = np.asarray(Image.open(out).convert("RGB"))
+        tile, text_h = 96, 12
+        aug = AugmentConfig(random_area=(0.7, 1.0), rotate_degrees=0.0, hflip=1.0)  # tiny_resnet.yaml + the override
+        batch = next(iter(build_loader(_cfg(packed, "wds", folds=(0,), mode=mode, batch_size=2, image_size=48,
+                                            local_contrast=0.08, augment=aug, num_threads=2, mean=(0.0,) * 3,
+                                            std=(1.0,) * 3)).iter_epoch(0)))  # fmt: skip
+        want = (batch.images[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        drawn = sheet[text_h : text_h + tile : 2, 0:tile:2]  # nearest-neighbour x2 back to 48 px
+        assert np.abs(drawn.astype(int) - want.astype(int)).max() <= 1, mode
+    assert shard_main(["preview", str(packed), "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no config.json" in capsys.readouterr().err

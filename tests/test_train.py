@@ -131,7 +131,7 @@ def test_killed_mid_epoch_resumes_to_exactly_once_oof(synth, tmp_path):
     proc.wait()
     assert latest.is_file() and "step" in latest.read_text(), "killed mid-epoch, after a step checkpoint"
     assert not (out / "tiny_resnet" / "fold1" / "done.json").exists()
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    res = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at epoch 0 step" in res.stderr
     index = pl.read_parquet(synth / "shards" / "index.parquet")
@@ -166,13 +166,13 @@ def test_classes_the_dataset_does_not_label_stay_out_of_the_loss(tmp_path):
     from retina_io.synth import generate_dataset
     from retina_train.backbones import create_backbone
     from retina_train.config import resolve_config
-    from retina_train.engine import run_folds
+    from retina_train.trainer import run_folds
 
     lab = generate_dataset(tmp_path / "aptos", n=48, size=64, seed=7, workers=1, layout="aptos", progress=False)
     data = tmp_path / "shards"
     pack(PackConfig(images=lab.parent / "train_images", labels=lab, preset="aptos", out=data, folds=2, workers=1,
                     progress=False))  # fmt: skip
-    cfg = resolve_config("tiny_resnet", overrides={"data": {"data": str(data), "batch_size": 8},
+    cfg = resolve_config("tiny_resnet", overrides={"data": {"dataset": str(data), "batch_size": 8},
                                                    "train": {"device": "cpu", "epochs": 1, "folds": "0", "seed": 0},
                                                    "out": str(tmp_path / "runs")})  # fmt: skip
     run_folds(cfg)
@@ -196,6 +196,11 @@ def test_clear_errors(synth, tmp_path, capsys):
     assert "folds 0..2" in capsys.readouterr().err
     assert main([*_args(tmp_path, tmp_path / "y")[1:]]) == 2
     assert "retina-shard pack" in capsys.readouterr().err
+    # --resume with nothing to resume (e.g. a mistyped --out) is refused naming the folder, not started from scratch
+    assert main([*_args(synth / "shards", tmp_path / "typo")[1:], "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {tmp_path / 'typo' / 'tiny_resnet'} holds no checkpoint" in err
+    assert not (tmp_path / "typo" / "tiny_resnet").exists()
     # an output folder holding a run with another config
     from retina_train.config import resolve_config, to_dict
 
@@ -205,3 +210,78 @@ def test_clear_errors(synth, tmp_path, capsys):
     assert main([*_args(synth / "shards", tmp_path / "z")[1:]]) == 2
     err = capsys.readouterr().err
     assert "holds a run with a different config" in err and "optim.lr: 0.5 -> 0.003" in err
+
+
+# ----------------------------------------------------------------------------------------------- the Trainer in-process
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """48 procedural images in 2 folds: fold 0 trains on the other fold's 24 images, 6 batches of 4."""
+    from retina_io.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    labels = generate_dataset(root / "src", n=48, size=64, seed=5, workers=1, progress=False)
+    pack(PackConfig(images=root / "src", labels=labels, preset="synfundus", out=root / "shards", folds=2, workers=1,
+                    progress=False))  # fmt: skip
+    return root / "shards"
+
+
+def _trainer(data: Path, out: Path, *, data_options: dict | None = None, **train):
+    from retina_io.dataset import PackedDataset
+    from retina_train.config import resolve_config
+    from retina_train.distributed import init_distributed
+    from retina_train.settings import resolve_settings
+    from retina_train.trainer import Trainer
+
+    init_distributed("cpu")
+    over = {"data": {"dataset": str(data), "batch_size": 4, **(data_options or {})},
+            "train": {"device": "cpu", "epochs": 1, **train}, "out": str(out)}  # fmt: skip
+    cfg = resolve_config("tiny_resnet", overrides=over)
+    trainer = Trainer(cfg, resolve_settings(cfg, "cpu"), PackedDataset.open(data), fold=0, fold_dir=out / "fold0")
+    trainer.setup()
+    return trainer
+
+
+def test_checkpoint_every_counts_optimizer_steps(small, tmp_path):
+    trainer = _trainer(small, tmp_path, data_options={"grad_accum": 2}, checkpoint_every=2)
+    assert trainer.train_loader.steps_per_epoch == 6
+    tags: list[str] = []
+    save = trainer.checkpoint
+    trainer.checkpoint = lambda tag: (tags.append(tag), save(tag))
+    trainer.train_epoch(0)
+    assert trainer.engine.global_steps == 3, "6 micro-batches, 2 per optimizer step"
+    assert tags == ["epoch0-step4"], "optimizer step 2 is micro-batch 4 (counting micro-batches saved at 2, 4, 6)"
+    assert (trainer.ckpt_dir / "latest").read_text().strip() == "epoch0-step4"
+    assert trainer.state.epoch == 0 and trainer.state.step == 4, "the loader position a resume continues from"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precision_is_honoured(small, tmp_path, precision):
+    import torch
+
+    trainer = _trainer(small, tmp_path, precision=precision)
+    assert trainer.settings.precision == precision
+    seen = []
+    conv = next(m for m in trainer.engine.module.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    batch = next(iter(trainer.train_loader.iter_epoch(0)))
+    loss = trainer.loss(trainer.engine(batch.images), batch.labels, batch.keys)
+    trainer.engine.backward(loss)
+    trainer.engine.step()
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == [want], "the convolutions compute in the precision asked for"
+    assert {p.dtype for p in trainer.engine.module.parameters()} == {torch.float32}, "weights stay fp32"
+    assert torch.isfinite(loss)
+
+
+def test_precision_auto_resolves_per_device_once():
+    from retina_train.config import resolve_config
+    from retina_train.settings import resolve_settings
+
+    cfg = resolve_config("tiny_resnet")
+    cpu, gpu = resolve_settings(cfg, "cpu"), resolve_settings(cfg, "cuda")
+    assert (cpu.precision, gpu.precision) == ("fp32", "bf16")
+    assert (cpu.layout, gpu.layout) == ("NCHW", "NHWC"), "channels-last for a CNN on a GPU only"
+    assert resolve_settings(resolve_config("tiny_vit"), "cuda").layout == "NCHW"
+    unset = resolve_config("swinv2_base_window12_192", overrides={"data": {"image_size": 0}})  # 0: the backbone's
+    assert resolve_settings(unset, "cpu").image_size == 192
+    assert unset.data.image_size == 0, "the config is not changed by resolving it"
