@@ -1,8 +1,9 @@
 """Dataset presets: read a published label table (CSV or parquet) with polars and map it onto the 11 classes.
 
-A preset knows one public dataset's label layout (DESIGN.md, contract 1): which columns must exist, which column is the
-image id, where the image file lives relative to ``--images``, how its labels map onto :data:`CLASSES` (the one mapping
-table in the code is :data:`CLASS_MAPS`), which columns are kept as metadata and which column groups images (patients).
+A preset knows one public dataset's label layout (docs/contracts.md, contract 1): which columns must exist, which
+column is the image id, where the image file lives relative to ``--images``, how its labels map onto :data:`CLASSES`
+(the one mapping table in the code is :data:`CLASS_MAPS`), which columns are kept as metadata and which column groups
+images (patients).
 
 :func:`read_labels` returns a :class:`LabelTable`: one row per input row, with the 11 class columns (``UInt8``; null
 where the dataset has no such class), metadata columns, and a reject ``reason``/``detail`` for rows that do not fit

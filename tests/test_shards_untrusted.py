@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from retina_io.dataset import DatasetError, PackedDataset
-from retina_io.loader import LoaderConfig, build_loader
+from retina_io.loader import LoaderConfig, LoaderSettings, build_loader
 from retina_io.pack import PackConfig, pack
 from retina_io.preview import write_batch_preview
 from retina_io.shard_cli import main as shard_main
@@ -141,7 +141,9 @@ def test_manifest_shard_paths_stay_inside(ds, capsys, field, how):
         with pytest.raises(DatasetError, match="leads outside"):
             _load(ds, backend)
     with pytest.raises(DatasetError, match="leads outside"):
-        write_batch_preview(ds, ds.parent / "p.png", mode="eval", image_size=16, n=2, backend="wds")
+        write_batch_preview(
+            ds, ds.parent / "p.png", mode="eval", image_size=16, n=2, settings=LoaderSettings(backend="wds")
+        )
     assert not (ds.parent / "p.png").exists()
     _cli_verify_fails(ds, capsys, "manifest.json", value)
 
