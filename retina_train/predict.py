@@ -222,6 +222,8 @@ def predict_bundle(cfg: PredictConfig) -> PredictResult:
     t0 = time.perf_counter()
     if (cfg.images is None) == (cfg.data is None):
         raise PredictError("give exactly one of --images DIR and --data shards/NAME")
+    if cfg.cam and cfg.images is None:
+        raise PredictError("--cam draws over photographs: use it with --images DIR (not --data)")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PredictError(f"--out {out} exists and is not a folder")
@@ -248,7 +250,7 @@ def predict_bundle(cfg: PredictConfig) -> PredictResult:
     if cfg.cam:
         from retina_train.cam import CamConfig, write_cams
 
-        result.cam_files = write_cams(ens, meta, predictions, dataset, CamConfig(out=out / "cam"), cfg)
+        result.cam_files = write_cams(ens, meta, predictions, dataset, CamConfig(out=out / "cam"))
     result.seconds = time.perf_counter() - t0
     summary = {
         "bundle": str(cfg.bundle), "input": str(cfg.images or cfg.data), "predicted": predictions.height,
@@ -256,6 +258,7 @@ def predict_bundle(cfg: PredictConfig) -> PredictResult:
         "rejected_by_reason": {r: int(n) for r, n in reject_frame["reason"].value_counts().iter_rows()},
         "positives": {c: int(predictions[c + POSITIVE].sum()) for c in meta.classes},
         "tta": cfg.tta, "device": cfg.device, "seconds": round(result.seconds, 2),
+        "cam": [str(f.relative_to(out)) for f in result.cam_files],
     }  # fmt: skip
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

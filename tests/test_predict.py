@@ -190,3 +190,36 @@ def test_tta_makes_predictions_mirror_invariant(trained, tmp_path):
 
     assert spread(False) > 1e-3
     assert spread(True) < 1e-5
+
+
+def test_cam_overlays(trained, tmp_path, monkeypatch):
+    """--cam: one PNG per (photograph, predicted-positive class), a contact sheet, and their list with each
+    backbone's weight for that class (the meta-learner's importance, summing to 1)."""
+    real = Bundle.meta_learner
+
+    def dr_only(self):  # DR positive everywhere, nothing else: a known set of maps
+        meta = real(self)
+        meta.thresholds = {c: (0.0 if c == "DR" else 1.1) for c in meta.classes}
+        return meta
+
+    monkeypatch.setattr(Bundle, "meta_learner", dr_only)
+    src = trained / "aptos" / "train_images"
+    images = tmp_path / "photos"
+    images.mkdir()
+    for n in sorted(p.name for p in src.iterdir())[:3]:
+        shutil.copyfile(src / n, images / n)
+    res = predict_bundle(PredictConfig(bundle=trained / "ens.retina", images=images, out=tmp_path / "o", cam=True,
+                                       workers=0, progress=False))  # fmt: skip
+    cams = pl.read_csv(tmp_path / "o" / "cam" / "cams.csv")
+    assert cams["class"].to_list() == ["DR"] * 3 and cams["id"].to_list() == sorted(res.predictions["id"])
+    weights = cams.select("weight_tiny_resnet", "weight_tiny_vit").to_numpy()
+    assert np.allclose(weights.sum(axis=1), 1.0) or np.allclose(weights, 0.0)
+    for f in [*cams["file"], "contact_sheet.png"]:
+        with Image.open(tmp_path / "o" / "cam" / f) as im:
+            assert im.size[0] > 200 and im.size[1] > 100
+    assert len(res.cam_files) == 4
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["positives"]["DR"] == 3 and len(summary["cam"]) == 4
+    with pytest.raises(PredictError, match="--cam draws over photographs"):
+        predict_bundle(PredictConfig(bundle=trained / "ens.retina", data=trained / "shards" / "aptos",
+                                     out=tmp_path / "o2", cam=True))  # fmt: skip
