@@ -5,7 +5,8 @@
 
 - ``--images DIR``: every file under DIR, in any format the packer accepts, with the packer's checks and conversions
   (:mod:`retina_io.photos`); a file the packer would reject is listed in ``OUT/rejects.parquet``/``.csv`` with its
-  reason and the rest are predicted. ``--data``: every sample of a packed dataset through the loader (``--backend``).
+  reason and the rest are predicted. ``--data``: every sample of a packed dataset through the loader (``--backend``,
+  by default the one the backbones trained with).
 - Preprocessing is the training loader's: each backbone's eval-mode :class:`~retina_io.loader.LoaderConfig` is built
   by :func:`retina_train.settings.loader_config` with the size, mean/std, local contrast and eval crop the bundle
   recorded. An image is decoded once; backbones with the same preprocessing share one transformed batch, and every
@@ -64,7 +65,7 @@ class PredictConfig:
     device: str = "cpu"
     batch_size: int = 32
     workers: int = 2  # processes preparing photographs (--images) / loader threads (--data)
-    backend: str = "wds"  # the loader backend for --data ("dali" or "wds")
+    backend: str | None = None  # loader backend for --data ("dali", "wds"); None: the one the backbones trained with
     progress: bool = True
 
 
@@ -177,8 +178,9 @@ def _predict_data(ens: Ensemble, cfg: PredictConfig) -> tuple[pl.DataFrame, dict
     per_group, keys_ref = [], None
     for g, base in enumerate(ens.configs):
         member = ens.members[ens.groups[g][0]]
+        backend = {"backend": cfg.backend} if cfg.backend else {}
         lcfg = member.run.loader_config(member.models[0], data=Path(cfg.data), folds=range(ds.k), mode="eval",
-                                        batch_size=cfg.batch_size, backend=cfg.backend, num_threads=cfg.workers,
+                                        batch_size=cfg.batch_size, num_threads=cfg.workers, **backend,
                                         image_size=base.image_size, mean=base.mean, std=base.std,
                                         local_contrast=base.local_contrast, eval_crop=base.eval_crop)  # fmt: skip
         loader = build_loader(lcfg)
@@ -287,12 +289,14 @@ def _run(argv: list[str] | None) -> int:
     src.add_argument("--images", type=Path, help="a folder of photographs (any format the packer accepts)")
     src.add_argument("--data", type=Path, help="a packed dataset (retina-shard pack)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--tta", action="store_true", help="average each fold model over the image and its mirror image")
+    p.add_argument("--tta", action="store_true", help="average each fold model over the image and its mirror image "
+                   "(twice the model time; no gain measured on the demo, see the README)")  # fmt: skip
     p.add_argument("--cam", action="store_true", help="Grad-CAM overlays per predicted-positive class (OUT/cam/)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="processes preparing photographs / loader threads")
-    p.add_argument("--backend", default="wds", choices=("dali", "wds"), help="loader backend for --data")
+    p.add_argument("--backend", default=None, choices=("dali", "wds"),
+                   help="loader backend for --data (default: the one the backbones trained with)")  # fmt: skip
     args = p.parse_args(argv)
     setup_logging()
     from retina_train.distributed import resolve_device

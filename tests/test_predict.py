@@ -116,7 +116,7 @@ def test_predict_data_equals_retina_eval(trained, tmp_path):
     ev = evaluate_external(EvalConfig(runs=trained / "runs", data=data, out=tmp_path / "eval", bootstrap=0,
                                       backend="wds", batch_size=16))  # fmt: skip
     res = predict_bundle(PredictConfig(bundle=trained / "ens.retina", data=data, out=tmp_path / "pred",
-                                       batch_size=16, workers=1, progress=False))  # fmt: skip
+                                       backend="wds", batch_size=16, workers=1, progress=False))  # fmt: skip
     assert res.exit_code == 0 and res.predictions.height == ev.predictions.height == 24
     joined = ev.predictions.join(res.predictions, on="key", suffix="_p")
     classes = [c for c in ev.predictions.columns if c not in ("key", "id")]
@@ -153,7 +153,7 @@ def test_predict_images_with_rejects(trained, tmp_path, capsys):
     pred = pl.read_parquet(out / "predictions.parquet")
     assert pred.height == 6 and pred["id"][0] == names[0]
     # the same images through the packed dataset (its loader) give the same backbone probabilities
-    ref = predict_bundle(PredictConfig(bundle=trained / "ens.retina", data=trained / "shards" / "aptos",
+    ref = predict_bundle(PredictConfig(bundle=trained / "ens.retina", data=trained / "shards" / "aptos", backend="wds",
                                        out=tmp_path / "ref", workers=1, progress=False)).predictions  # fmt: skip
     stem = {Path(i).stem: i for i in pred["id"]}
     ref = ref.filter(pl.col("id").is_in(list(stem))).with_columns(pl.col("id").replace(stem)).sort("id")
