@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from retina_io.cli import console_main, setup_logging
+from retina_io.cli import config_from_args, console_main, setup_logging
 from retina_train.stack.errors import StackError
 from retina_train.stack.meta import DEVICES, STRATEGIES, MetaParams
 from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW
@@ -66,23 +66,9 @@ def _run(argv: list[str] | None) -> int:
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
     if args.bootstrap < 0 or args.control_rows < 2:
         raise StackError("--bootstrap must be >= 0 and --control-rows >= 2")
-    cfg = StackConfig(
-        runs=args.runs,
-        data=args.data,
-        out=args.out,
-        strategy=args.strategy,
-        device=args.device,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        params=MetaParams(
-            n_estimators=args.n_estimators,
-            max_depth=args.max_depth,
-            learning_rate=args.learning_rate,
-            n_jobs=args.threads,
-        ),
-        control_max_rows=args.control_rows,
-        progress=not args.no_progress,
-    )
+    params = config_from_args(MetaParams, args, n_jobs=args.threads)
+    cfg = config_from_args(StackConfig, args, params=params, control_max_rows=args.control_rows,
+                           progress=not args.no_progress)  # fmt: skip
     result = run_stack(cfg)
     t = result.table
     print(
