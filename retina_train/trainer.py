@@ -272,10 +272,12 @@ class Trainer:
                 _save_safetensors(self.engine.module, best)
         self.state.epoch, self.state.step = epoch + 1, 0
         self.checkpoint(f"epoch{epoch + 1}")
-        self._keep_latest_checkpoint()
 
     def checkpoint(self, tag: str) -> None:
+        """Save a DeepSpeed checkpoint ``tag`` (every rank), then keep only it: mid-epoch saves too, so that
+        ``checkpoint_every`` never piles up checkpoints (a big model's are gigabytes each)."""
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=asdict(self.state))
+        self._keep_latest_checkpoint()
 
     def write_oof(self) -> None:
         """Fold k predicted with the best weights, every rank its own part; stale shards of an earlier run go first."""
@@ -291,7 +293,8 @@ class Trainer:
         barrier()
 
     def _keep_latest_checkpoint(self) -> None:
-        """Keep only the newest checkpoint tag (checkpoints of big models are large)."""
+        """Keep only the newest checkpoint tag (the one ``latest`` names): after a barrier, so that every rank has
+        finished writing its part, rank 0 removes the other tags' folders."""
         barrier()
         if self.rank != 0 or not (self.ckpt_dir / "latest").is_file():
             return

@@ -254,6 +254,25 @@ def test_checkpoint_every_counts_optimizer_steps(small, tmp_path):
     assert trainer.state.epoch == 0 and trainer.state.step == 4, "the loader position a resume continues from"
 
 
+def test_only_the_newest_checkpoint_is_kept_mid_epoch_too(small, tmp_path):
+    """Issue 11, point 12: the README promises only the newest checkpoint is kept; mid-epoch saves piled up."""
+    trainer = _trainer(small, tmp_path, checkpoint_every=1)
+    seen: list[list[str]] = []
+    save = trainer.checkpoint
+
+    def checkpoint(tag):
+        save(tag)
+        seen.append(sorted(p.name for p in trainer.ckpt_dir.iterdir() if p.is_dir()))
+
+    trainer.checkpoint = checkpoint
+    trainer.train_epoch(0)
+    assert len(seen) == 6, "a checkpoint after each of the 6 optimizer steps"
+    assert all(len(tags) == 1 for tags in seen), seen
+    assert seen[-1] == ["epoch0-step6"] == [(trainer.ckpt_dir / "latest").read_text().strip()]
+    trainer.end_epoch(0, trainer.validate())
+    assert sorted(p.name for p in trainer.ckpt_dir.iterdir() if p.is_dir()) == ["epoch1"]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_precision_is_honoured(small, tmp_path, precision):
     import torch
