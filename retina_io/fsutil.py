@@ -39,3 +39,19 @@ def write_atomic(path: Path, data: bytes | str, suffix: str | None = None) -> No
             tmp.write_text(data, encoding="utf-8")
         else:
             tmp.write_bytes(data)
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an output folder, or None when it can: it, or a folder above it, exists and is
+    not a folder (a file, a dangling link), or the nearest existing folder (``path`` itself or the one it would be
+    created in) cannot be written. Checked before a command computes anything, so the message comes first."""
+    probe = Path(path)
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} exists and is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None

@@ -108,6 +108,24 @@ def create_backbone(
     return model
 
 
+def check_input_size(name: str, image_size: int) -> None:
+    """Refuse an input size the backbone cannot take (a ViT's patch size must divide it, ...), before any real work:
+    the model is built on PyTorch's ``meta`` device (no memory, no random numbers drawn) and run on an empty batch of
+    that size. The backbone's own input size is taken as is. A BackboneError names timm's reason."""
+    spec = get_spec(name)
+    if image_size == spec.image_size:
+        return
+    try:
+        with torch.device("meta"):
+            model = create_backbone(name, image_size=image_size)
+            model(torch.empty(1, 3, image_size, image_size))
+    except NotImplementedError:  # an operation without a meta kernel: not about the size; training will tell
+        return
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise BackboneError(f"{name} cannot take {image_size} x {image_size} inputs: {reason}") from exc
+
+
 def _read_weights(path: Path) -> dict:
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")

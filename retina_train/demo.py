@@ -66,6 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from retina_train.config import resolve_config
     from retina_train.distributed import resolve_device
     from retina_train.evaluate import EvalConfig, evaluate_external
+    from retina_train.preflight import check_options
     from retina_train.stack import StackConfig, run_stack
     from retina_train.trainer import run_folds
 
@@ -78,6 +79,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.backbones == "paper" and cfg.retfound_weights is None:
         log.warning("retfound will train from random initialisation: RETFound's weights are not on the timm hub; "
                     "pass --retfound-weights RETFound_cfp_weights.pth")  # fmt: skip
+    check_demo(cfg)
+    for name in backbones:  # every run's options, before any folder is claimed (run_folds checks them again)
+        check_options(resolve_config(name, overrides=backbone_overrides(cfg, name, data=out / "shards" / "synfundus",
+                                                                        runs=out / "runs", device=device)))  # fmt: skip
     _claim_out(out, {"n": cfg.n, "size": size, "seed": cfg.seed, "folds": cfg.folds, "n_external": cfg.n_external,
                      "external_layout": cfg.external_layout})  # fmt: skip
     stage = _Stages(6)
@@ -141,6 +146,24 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 class DemoError(RetinaError, ValueError):
     """Settings the demo refuses before any work: a missing weights file, an --out made with other data."""
+
+
+def check_demo(cfg: DemoConfig) -> None:
+    """The demo's own options in their ranges (a DemoError naming the first that is not), before anything is written:
+    a refused start leaves no ``demo.json`` to block the corrected command."""
+    rules = [
+        (cfg.folds >= 2, f"folds must be >= 2; got {cfg.folds}"),
+        (cfg.n >= cfg.folds, f"--n must be at least the {cfg.folds} folds; got {cfg.n}"),
+        (cfg.size == 0 or cfg.size >= 32, f"--size must be 0 (the backbones' default) or >= 32 pixels; got {cfg.size}"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1; got {cfg.epochs}"),
+        (cfg.paper_epochs >= 0, f"--paper-epochs must be >= 0 (0: each config's); got {cfg.paper_epochs}"),
+        (cfg.n_external >= 2, f"--n-external must be >= 2 (it is packed into 2 folds); got {cfg.n_external}"),
+        (cfg.bootstrap >= 0, f"--bootstrap must be >= 0; got {cfg.bootstrap}"),
+        (cfg.image_size >= 8, f"image_size must be >= 8; got {cfg.image_size}"),
+    ]  # fmt: skip
+    for ok, message in rules:
+        if not ok:
+            raise DemoError(message)
 
 
 def _claim_out(out: Path, data_settings: dict) -> None:

@@ -17,6 +17,17 @@ from retina_train.config import ConfigError, RunConfig
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train.precision -> torch_autocast dtype; fp32: none
 
 
+def read_user_config(path: Path) -> dict:
+    """A user's DeepSpeed JSON (``--deepspeed-config``): a JSON object, or a ConfigError naming the file."""
+    try:
+        user = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--deepspeed-config {path} cannot be read as JSON: {exc}") from exc
+    if not isinstance(user, dict):
+        raise ConfigError(f"--deepspeed-config {path} must hold a JSON object")
+    return user
+
+
 def build_ds_config(
     cfg: RunConfig,
     *,
@@ -30,10 +41,7 @@ def build_ds_config(
     micro, accum = cfg.data.batch_size, cfg.data.grad_accum
     if cfg.train.deepspeed_config:
         path = Path(cfg.train.deepspeed_config)
-        try:
-            user = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--deepspeed-config {path} cannot be read as JSON: {exc}") from exc
+        user = read_user_config(path)
         user.setdefault("train_micro_batch_size_per_gpu", micro)
         user.setdefault("gradient_accumulation_steps", accum)
         if user["train_micro_batch_size_per_gpu"] != micro:
@@ -60,7 +68,9 @@ def build_ds_config(
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 0),
+                # DeepSpeed refuses 0 and warms up at least 2 steps whatever it is given (max(2, n)): 1 asks for its
+                # shortest warmup, so a run of one optimizer step (one batch, one epoch) trains instead of crashing
+                "warmup_num_steps": max(min(warmup_steps, total_steps - 1), 1),
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": cfg.optim.min_lr_ratio,
                 "warmup_type": "linear",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from retina_io.dataset import PackedDataset
-from retina_io.fsutil import atomic_path
+from retina_io.fsutil import atomic_path, write_atomic
 from retina_io.loader import build_loader
 from retina_io.schema import CLASSES
 from retina_train.backbones import create_backbone, param_groups
@@ -34,6 +34,7 @@ from retina_train.distributed import barrier, gather_arrays, init_distributed, r
 from retina_train.ds_config import build_ds_config
 from retina_train.inference import predict
 from retina_train.oof import write_oof
+from retina_train.preflight import check_options, check_out, check_plan
 from retina_train.settings import RunSettings, loader_config, resolve_settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ logging.getLogger("DeepSpeed").addFilter(_SchedulerNotStartedFilter())
 
 # ----------------------------------------------------------------------------------------------- the run
 def run_folds(cfg: RunConfig) -> dict:
-    """Train ``cfg.model.backbone`` on every requested fold; returns a summary (per-fold best macro-AUC)."""
+    """Train ``cfg.model.backbone`` on every requested fold; returns a summary (per-fold best macro-AUC).
+
+    Every option is checked (:mod:`retina_train.preflight`) before anything is written, on every rank alike."""
+    check_options(cfg)
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     rank, world = rank_world()
@@ -60,6 +64,8 @@ def run_folds(cfg: RunConfig) -> dict:
     settings = resolve_settings(cfg, device)
     dataset = PackedDataset.open(Path(cfg.data.dataset))
     folds = parse_folds(cfg.train.folds, dataset.k)
+    check_plan(cfg, dataset, folds, world=world, image_size=settings.image_size)
+    check_out(cfg)
     model_dir = Path(cfg.out) / cfg.model.backbone
     if cfg.train.resume:
         _require_resumable(model_dir, folds)
@@ -103,25 +109,42 @@ def _require_resumable(model_dir: Path, folds: list[int]) -> None:
                           f"folds {','.join(map(str, folds))} to resume; run without --resume to start")  # fmt: skip
 
 
+def has_progress(model_dir: Path) -> bool:
+    """Whether a backbone folder holds anything a run computed: a fold's checkpoint, best weights, OOF or done.json."""
+    marks = ("checkpoints/latest", "best.safetensors", "oof-rank*.parquet", "done.json")
+    return any(next(Path(model_dir).glob(f"fold*/{m}"), None) is not None for m in marks)
+
+
 def _check_or_write_config(model_dir: Path, cfg: RunConfig, settings: RunSettings, rank: int) -> None:
-    """Refuse a folder holding a run with another config; write this run's (image size resolved) beside it."""
+    """Refuse a folder holding a run with another config; write this run's (image size resolved) beside it.
+
+    A config binds its folder once the folder holds progress (:func:`has_progress`); the config.json of a start that
+    failed before computing anything (killed in setup, say) is replaced, so it never blocks the corrected rerun."""
     path = model_dir / "config.json"
     current = to_dict(cfg)
     current["data"]["image_size"] = settings.image_size  # the run as resolved: inference reads it from here
     if path.is_file():
-        previous = json.loads(path.read_text())
-        diff = config_differences(previous, current)
-        if diff:
+        try:
+            previous = json.loads(path.read_text())
+            if not isinstance(previous, dict):
+                raise ValueError("not a JSON object")
+            diff = config_differences(previous, current)
+        except (OSError, ValueError) as exc:
+            previous, diff = None, [f"{path} cannot be read ({' '.join(str(exc).split())})"]
+        if diff and has_progress(model_dir):
+            if previous is None:
+                raise ConfigError(f"{diff[0]}; it holds the config of the run in {model_dir}")
             shown = ", ".join(f"{k}: {_get(previous, k)!r} -> {_get(current, k)!r}" for k in diff[:6])
             raise ConfigError(f"{model_dir} holds a run with a different config ({shown}); use another --out, or "
                               "the same options to resume it")  # fmt: skip
+        if diff:
+            log.info("%s: replacing the config of an earlier start that computed nothing", path)
     barrier()
     if rank == 0:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=1))
         import yaml
 
-        (model_dir / "config.yaml").write_text(yaml.safe_dump(current, sort_keys=False))
+        write_atomic(path, json.dumps(current, indent=1))
+        write_atomic(model_dir / "config.yaml", yaml.safe_dump(current, sort_keys=False))
     barrier()
 
 
@@ -163,8 +186,9 @@ class Trainer:
             self.end_epoch(epoch, scores)
         barrier()
         self.write_oof()
-        return {"fold": self.fold, "best_macro_auc": self.state.best_auc, "epochs": self.cfg.train.epochs,
-                "world_size": self.world, "history": self.state.history}  # fmt: skip
+        # "k": the dataset's fold count, so that inference knows the whole ensemble without the dataset
+        return {"fold": self.fold, "k": self.dataset.k, "best_macro_auc": self.state.best_auc,
+                "epochs": self.cfg.train.epochs, "world_size": self.world, "history": self.state.history}  # fmt: skip
 
     def setup(self) -> None:
         """Model, loaders, the DeepSpeed engine (optimizer, lr schedule, precision), the loss's class weights; then

@@ -79,3 +79,23 @@ def test_rerun_into_a_demo_with_other_data_settings_is_refused(tmp_path, capsys)
     assert main(["--out", str(out), "--n", "300", "--device", "cpu"]) == 2
     assert "other data settings" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["demo.json"], "nothing generated over the old demo"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n", "0"], "--n must be at least the 5 folds; got 0"),
+        (["--n", "-5"], "--n must be at least the 5 folds; got -5"),
+        (["--size", "-3"], "--size must be 0 (the backbones' default) or >= 32 pixels; got -3"),
+        (["--epochs", "0"], "--epochs must be >= 1; got 0"),
+        (["--n-external", "0"], "--n-external must be >= 2 (it is packed into 2 folds); got 0"),
+        (["--bootstrap", "-1"], "--bootstrap must be >= 0; got -1"),
+    ],
+)
+def test_bad_options_leave_no_claim_on_out(tmp_path, capsys, extra, message):
+    """Issue 11, points 9 and 10: a refused option is one line, exit 2, and writes nothing (the first --n 0 used to
+    write demo.json, and every corrected rerun was then refused as 'other data settings')."""
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--device", "cpu", *extra]) == 2
+    assert capsys.readouterr().err == f"retina-demo: error: {message}\n"
+    assert not out.exists()

@@ -205,8 +205,9 @@ def test_clear_errors(synth, tmp_path, capsys):
     from retina_train.config import resolve_config, to_dict
 
     earlier = to_dict(resolve_config("tiny_resnet", overrides={"optim": {"lr": 0.5}}))
-    (tmp_path / "z" / "tiny_resnet").mkdir(parents=True)
+    (tmp_path / "z" / "tiny_resnet" / "fold0").mkdir(parents=True)
     (tmp_path / "z" / "tiny_resnet" / "config.json").write_text(json.dumps(earlier))
+    (tmp_path / "z" / "tiny_resnet" / "fold0" / "done.json").write_text("{}")  # progress: the config binds it
     assert main([*_args(synth / "shards", tmp_path / "z")[1:]]) == 2
     err = capsys.readouterr().err
     assert "holds a run with a different config" in err and "optim.lr: 0.5 -> 0.003" in err
@@ -304,3 +305,90 @@ def test_precision_auto_resolves_per_device_once():
     unset = resolve_config("swinv2_base_window12_192", overrides={"data": {"image_size": 0}})  # 0: the backbone's
     assert resolve_settings(unset, "cpu").image_size == 192
     assert unset.data.image_size == 0, "the config is not changed by resolving it"
+
+
+# ----------------------------------------------------------------------------------------------- options (issue 11, 9)
+BAD_OPTIONS = [
+    (["--image-size", "-1"], "--image-size (data.image_size) must be 0 (the backbone's) or >= 8 pixels; got -1"),
+    (["--epochs", "0"], "--epochs (train.epochs) must be >= 1; got 0"),
+    (["--batch-size", "0"], "--batch-size (data.batch_size) must be >= 1"),
+    (["--lr", "0"], "--lr (optim.lr) must be > 0"),
+    (["--lr", "nan"], "--lr (optim.lr) must be > 0"),
+    (["--seed", "-1"], "--seed (train.seed) must be >= 0"),
+    (["--set", "data.grad_accum=0"], "data.grad_accum must be >= 1"),
+    (["--set", "data.grad_accum=7"], "data.grad_accum 7 is more than the 6 batches of an epoch of fold 0"),
+    (["--set", "optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
+    (["--set", "train.log_interval=0"], "train.log_interval must be >= 1"),
+    (["--set", "train.zero_stage=5"], "train.zero_stage must be 0, 1, 2 or 3"),
+    (["--set", "data.augment.hflip=2"], "data.augment.hflip must be in [0, 1]"),
+    (["--backbone", "tiny_vit", "--image-size", "50"], "(data.image_size) 50: tiny_vit cannot take 50 x 50 inputs"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD_OPTIONS, ids=[" ".join(e) for e, _ in BAD_OPTIONS])
+def test_bad_options_are_refused_before_anything_is_written(small, tmp_path, capsys, extra, message):
+    from retina_train.run import main
+
+    out = tmp_path / "run"
+    assert main([*_args(small, out, "--folds", "0", "--batch-size", "4", "--backend", "wds")[1:], *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("run.py: error: ") and message in err and "Traceback" not in err, err[-2000:]
+    assert not out.exists(), "nothing written: the corrected command can use the same --out"
+
+
+def test_failed_start_does_not_block_the_corrected_rerun(small, tmp_path, capsys):
+    """``--image-size -1`` fails with exit 2 and one line, writing nothing; the corrected command runs into the same
+    --out. Its batch is as large as the training folds (24 samples): an epoch is one optimizer step, and it trains
+    (DeepSpeed got 0 warmup steps and crashed)."""
+    from retina_train.run import main
+
+    out = tmp_path / "run"
+    args = _args(small, out, "--folds", "0", "--epochs", "1", "--batch-size", "24", "--backend", "wds")[1:]
+    assert main([*args, "--image-size", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("run.py: error: --image-size"), err
+    assert not out.exists()
+    assert main(args) == 0
+    done = json.loads((out / "tiny_resnet" / "fold0" / "done.json").read_text())
+    assert done["epochs"] == 1 and done["k"] == 2 and len(done["history"]) == 1
+    assert (out / "tiny_resnet" / "fold0" / "oof-rank0.parquet").is_file()
+
+
+def test_out_that_is_a_file_is_one_line(small, tmp_path, capsys):
+    from retina_train.run import main
+
+    (tmp_path / "file").write_text("x")
+    assert main([*_args(small, tmp_path / "file", "--folds", "0")[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err == f"run.py: error: --out {tmp_path / 'file'}: {tmp_path / 'file'} exists and is not a folder\n"
+
+
+def test_config_of_a_start_that_computed_nothing_is_replaced(small, tmp_path):
+    """A start killed during setup leaves config.json and nothing else: it must not block another config. Once a
+    fold holds progress, the config binds the folder."""
+    from retina_train.config import ConfigError, resolve_config, to_dict
+    from retina_train.settings import resolve_settings
+    from retina_train.trainer import _check_or_write_config
+
+    model_dir = tmp_path / "tiny_resnet"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(to_dict(resolve_config("tiny_resnet", overrides={
+        "optim": {"lr": 0.5}}))))  # fmt: skip
+    cfg = resolve_config("tiny_resnet", overrides={"data": {"dataset": str(small)}, "out": str(tmp_path)})
+    _check_or_write_config(model_dir, cfg, resolve_settings(cfg, "cpu"), rank=0)
+    assert json.loads((model_dir / "config.json").read_text())["optim"]["lr"] == cfg.optim.lr
+    (model_dir / "fold0" / "checkpoints").mkdir(parents=True)
+    (model_dir / "fold0" / "checkpoints" / "latest").write_text("epoch1")
+    other = resolve_config("tiny_resnet", overrides={"data": {"dataset": str(small)}, "optim": {"lr": 0.5}})
+    with pytest.raises(ConfigError, match="holds a run with a different config"):
+        _check_or_write_config(model_dir, other, resolve_settings(other, "cpu"), rank=0)
+
+
+def test_every_shipped_config_passes_the_checks():
+    """The checks refuse nothing a shipped backbone config asks for (no valid run changes)."""
+    from retina_train.backbones import BACKBONES
+    from retina_train.config import resolve_config
+    from retina_train.preflight import check_options
+
+    for name in BACKBONES:
+        check_options(resolve_config(name, overrides={"data": {"dataset": "x"}}))
