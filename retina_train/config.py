@@ -21,7 +21,7 @@ from retina_io.loader import LoaderSettings
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Fields that may change between a run and its resumption without changing what is computed.
 VOLATILE = {"train.folds", "train.resume", "train.log_interval", "data.num_threads", "data.prefetch_queue_depth",
-            "train.checkpoint_every", "out"}  # fmt: skip
+            "train.checkpoint_every", "train.overlap_comm", "out"}  # fmt: skip
 # Keys renamed since runs were first written: old name -> new (dotted); an old config.json still reads and resumes.
 RENAMED = {"data.data": "data.dataset"}
 
@@ -69,7 +69,8 @@ class TrainConfig:
     # "auto": bf16 on cuda, fp32 on cpu. bf16/fp16: DeepSpeed's torch_autocast (Linear/Conv2d in that dtype, weights
     # and optimizer state fp32; fp16 with a gradient scaler); fp32: no autocast.
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
-    zero_stage: int = 0
+    zero_stage: int = 0  # DeepSpeed ZeRO: 0 (all-reduce), 1 (optimizer state partitioned), 2 (gradients too)
+    overlap_comm: bool = False  # ZeRO 1/2: overlap the gradient reduction with the backward pass
     compile: bool = False  # torch.compile the model (GPU)
     checkpoint_every: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: at each epoch's end only)
     log_interval: int = 10

@@ -3,8 +3,16 @@
 Precision: on a GPU the default is DeepSpeed's ``torch_autocast`` section with bfloat16 — weights, optimizer state
 and BatchNorm statistics stay fp32, only Linear/Conv2d compute in bf16 — rather than DeepSpeed's ``bf16`` mode, which
 would hold the weights (and BatchNorm running statistics) in bf16 with fp32 master copies in the optimizer. On the
-CPU: fp32 by default, and ``torch_adam`` (DeepSpeed's fused Adam needs CUDA). ``fp16`` is the same autocast with
-float16 (DeepSpeed adds a gradient scaler); ``fp32``: no autocast.
+CPU: fp32 by default. ``fp16`` is the same autocast with float16 (DeepSpeed adds a gradient scaler); ``fp32``: no
+autocast.
+
+The optimizer is torch's AdamW on every device (DeepSpeed's ``torch_adam``), with ``fused=True`` on a GPU (one
+kernel for all parameters): DeepSpeed's own FusedAdam is not prebuilt in its wheel and would be JIT-compiled at
+``deepspeed.initialize`` (ninja, ``CUDA_HOME`` and an nvcc matching torch's CUDA on every node, minutes each).
+
+ZeRO: ``train.zero_stage`` 0 (plain data parallelism: gradients all-reduced after backward), 1 (optimizer state
+partitioned across ranks) or 2 (gradients too); ``train.overlap_comm`` overlaps the stage 1/2 gradient reduction with
+the backward pass.
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ def build_ds_config(
                 "betas": list(cfg.optim.betas),
                 "eps": 1e-8,
                 "weight_decay": cfg.optim.weight_decay,
-                "torch_adam": device == "cpu",
+                "torch_adam": True,  # torch.optim.AdamW: no JIT-built FusedAdam
+                **({"fused": True} if device == "cuda" else {}),
             },
         },  # fmt: skip
         "scheduler": {
@@ -76,7 +85,10 @@ def build_ds_config(
                 "warmup_type": "linear",
             },
         },  # fmt: skip
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.train.zero_stage,
+            **({"overlap_comm": cfg.train.overlap_comm} if cfg.train.zero_stage else {}),
+        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

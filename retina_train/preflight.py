@@ -96,7 +96,7 @@ RULES: dict[str, tuple] = {
     "model.drop_path_rate": FRACTION,
     "model.layer_decay": (lambda x: x is None or _range(0, 1, lo_open=True)[0](x), "null or in (0, 1]"),
     "train.seed": (lambda x: isinstance(x, int) and x >= 0, ">= 0"),
-    "train.zero_stage": (lambda x: x in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    "train.zero_stage": (lambda x: x in (0, 1, 2), "0, 1 or 2 (stage 3 partitions the weights the OOF reads whole)"),
     "train.checkpoint_every": (lambda x: isinstance(x, int) and x >= 0, ">= 0 (0: at each epoch's end only)"),
     "train.log_interval": AT_LEAST_1,
 }
@@ -117,6 +117,8 @@ def check_options(cfg: RunConfig) -> None:
             raise ConfigError(f"{option(key)} must be {text}; got {value!r}")
     if cfg.model.pretrained_file and not Path(cfg.model.pretrained_file).is_file():
         raise ConfigError(f"{option('model.pretrained_file')} {cfg.model.pretrained_file}: no such file")
+    if cfg.train.overlap_comm and cfg.train.zero_stage == 0:
+        raise ConfigError("train.overlap_comm needs train.zero_stage 1 or 2 (stage 0 all-reduces after backward)")
     if cfg.train.deepspeed_config:
         read_user_config(Path(cfg.train.deepspeed_config))
     if not cfg.data.dataset:

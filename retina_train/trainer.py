@@ -250,7 +250,8 @@ class Trainer:
         engine.train()
         bar = tqdm(total=loader.steps_per_epoch, initial=start_step, desc=f"fold {self.fold} epoch {epoch}",
                    unit="batch", disable=self.rank != 0, leave=False)  # fmt: skip
-        t_last, wait, images_seen = time.perf_counter(), 0.0, 0
+        # images counted on the batches' device and read (one host sync) only when a log line is written
+        t_last, wait, images_seen = time.perf_counter(), 0.0, None
         t_fetch = time.perf_counter()
         for step, batch in enumerate(loader.iter_epoch(epoch, start_step=start_step), start=start_step):
             wait += time.perf_counter() - t_fetch
@@ -258,18 +259,19 @@ class Trainer:
             engine.backward(loss)
             optimizer_steps = engine.global_steps
             engine.step()
-            images_seen += int((batch.keys >= 0).sum())
+            real = (batch.keys >= 0).sum()
+            images_seen = real if images_seen is None else images_seen.add_(real)
             bar.update(1)
             if self.rank == 0 and (step + 1) % cfg.train.log_interval == 0:
                 now = time.perf_counter()
                 rec = {"fold": self.fold, "epoch": epoch, "step": step + 1,
                        "global_step": epoch * loader.steps_per_epoch + step + 1,
                        "loss": round(loss.item(), 5), "lr": engine.get_lr()[0],
-                       "images_per_s": round(images_seen * self.world / (now - t_last), 1),
+                       "images_per_s": round(int(images_seen) * self.world / (now - t_last), 1),
                        "data_wait": round(wait / (now - t_last), 3)}  # fmt: skip
                 self._log(rec)
                 bar.set_postfix(loss=rec["loss"], ips=rec["images_per_s"], wait=rec["data_wait"])
-                t_last, wait, images_seen = now, 0.0, 0
+                t_last, wait, images_seen = now, 0.0, None
             every = cfg.train.checkpoint_every
             if every and engine.global_steps > optimizer_steps and engine.global_steps % every == 0:
                 self.state.epoch, self.state.step = epoch, step + 1

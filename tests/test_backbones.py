@@ -204,7 +204,7 @@ def test_deepspeed_config_precision():
     assert cpu["train_batch_size"] == cfg.data.batch_size * 2
     gpu = build_ds_config(cfg, world_size=8, total_steps=100, warmup_steps=10, device="cuda", precision="bf16")
     assert gpu["torch_autocast"]["dtype"] == "bfloat16" and "bf16" not in gpu, "fp32 weights and BatchNorm stats"
-    assert gpu["optimizer"]["params"]["torch_adam"] is False
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
     fp16 = build_ds_config(cfg, world_size=1, total_steps=100, warmup_steps=10, device="cuda", precision="fp16")
     assert fp16["torch_autocast"]["dtype"] == "float16" and "fp16" not in fp16
     cpu_bf16 = build_ds_config(cfg, world_size=1, total_steps=100, warmup_steps=10, device="cpu", precision="bf16")
