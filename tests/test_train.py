@@ -115,6 +115,72 @@ def test_two_ranks_learn_and_control_does_not(synth, tmp_path):
     model.load_state_dict(load_file(str(tmp_path / "real" / "tiny_resnet" / "fold0" / "best.safetensors")))
 
 
+def _launcher_env(launcher: str, rank: int, port: int) -> dict:
+    """The variables ``srun -n 2`` or ``mpirun -np 2`` give rank ``rank`` on one node, and nothing of torch's."""
+    if launcher == "slurm":  # the port comes from the job id (DEFAULT_PORT + SLURM_JOB_ID % 1000)
+        from retina_train.launchers import DEFAULT_PORT
+
+        return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "SLURM_STEP_ID": "0",
+                "SLURM_JOB_ID": str(port - DEFAULT_PORT + 7000), "SLURM_NODELIST": "localhost"}  # fmt: skip
+    return {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": str(rank),
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": str(port)}  # fmt: skip
+
+
+def _free_slurm_port() -> int:
+    """A free port among those a Slurm job id can name."""
+    from retina_train.launchers import DEFAULT_PORT, SLURM_PORTS
+
+    for port in np.random.default_rng().permutation(np.arange(DEFAULT_PORT, DEFAULT_PORT + SLURM_PORTS)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port")
+
+
+def _launch_ranks(launcher: str, data: Path, out: Path, *extra: str) -> list[str]:
+    """Two ``python run.py`` processes with only the launcher's variables (no RANK, WORLD_SIZE, MASTER_*)."""
+    port = _free_slurm_port()
+    base = {k: v for k, v in _env().items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "MASTER_", "RANK",
+                                                                 "LOCAL_RANK", "LOCAL_SIZE"))}  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, *_args(data, out, *extra)], cwd=ROOT, text=True,
+                              env={**base, **_launcher_env(launcher, rank, port)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for rank in (0, 1)]  # fmt: skip
+    outs = [p.communicate(timeout=420)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2500:] + outs[1][-2500:]
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["slurm", "openmpi"])
+def test_launcher_variables_alone_form_one_world(synth, tmp_path, launcher):
+    """Issue 12: under srun or mpirun (no WORLD_SIZE) the two processes were two independent "rank 0" runs writing
+    one folder; now they are ranks 0 and 1 of one gloo world and write the fold's OOF exactly once."""
+    outs = _launch_ranks(launcher, synth / "shards", tmp_path / "run", "--folds", "0", "--epochs", "1",
+                         "--batch-size", "16")  # fmt: skip
+    fold_dir = tmp_path / "run" / "tiny_resnet" / "fold0"
+    assert sorted(p.name for p in fold_dir.glob("oof-rank*.parquet")) == ["oof-rank0.parquet", "oof-rank1.parquet"]
+    index = pl.read_parquet(synth / "shards" / "index.parquet")
+    check_fold_oof(fold_dir, index.filter(pl.col("fold") == 0)["key"].to_list())
+    assert json.loads((fold_dir / "done.json").read_text())["world_size"] == 2
+    assert f"rank 1 of 2 (local rank 1) from the {launcher} launcher" in outs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_train_two_ranks(synth, tmp_path, stage):
+    """ZeRO 1/2 with overlap_comm on DeepSpeed's CPU accelerator (gloo): trains, checkpoints and writes the OOF."""
+    _launch(synth / "shards", tmp_path / "run", "--folds", "0", "--epochs", "1", "--batch-size", "16",
+            "--set", f"train.zero_stage={stage}", "--set", "train.overlap_comm=true")  # fmt: skip
+    fold_dir = tmp_path / "run" / "tiny_resnet" / "fold0"
+    index = pl.read_parquet(synth / "shards" / "index.parquet")
+    check_fold_oof(fold_dir, index.filter(pl.col("fold") == 0)["key"].to_list())
+    shards = sorted(p.name for p in (fold_dir / "checkpoints" / "epoch1").glob("*optim_states.pt"))
+    assert len(shards) == 2, f"ZeRO: one optimizer-state partition per rank; got {shards}"
+
+
 def test_killed_mid_epoch_resumes_to_exactly_once_oof(synth, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, *_args(synth / "shards", out, "--folds", "1", "--epochs", "2", "--batch-size", "8",
