@@ -340,6 +340,35 @@ def test_only_the_newest_checkpoint_is_kept_mid_epoch_too(small, tmp_path):
     assert sorted(p.name for p in trainer.ckpt_dir.iterdir() if p.is_dir()) == ["epoch1"]
 
 
+def test_the_training_loop_reads_tensors_only_for_a_log_line(small, tmp_path, monkeypatch):
+    """Issue 12: every step read a count on the host (``int((keys >= 0).sum())``), on a GPU a sync per step; now the
+    loop reads tensors only when it writes a log line (6 steps, a line every 4: one count, one loss)."""
+    import torch
+
+    from retina_train import trainer as trainer_module
+
+    trainer = _trainer(small, tmp_path, log_interval=4)
+    reads: list[str] = []
+
+    def spy(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("__int__", "__float__", "__bool__", "item", "tolist", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    trainer.train_epoch(0)
+    monkeypatch.undo()
+    assert sorted(reads) == ["__int__", "item"], reads
+    line = [json.loads(x) for x in trainer.log_file.open() if "loss" in x]
+    assert [r["step"] for r in line] == [4] and line[0]["images_per_s"] > 0
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_precision_is_honoured(small, tmp_path, precision):
     import torch
