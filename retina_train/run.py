@@ -4,7 +4,8 @@
         [--folds all|0,2] [--config FILE.yaml] [--epochs E] [--batch-size B] [--image-size PX] [--lr LR] \\
         [--device auto|cpu|cuda] [--pretrained timm|none] [--pretrained-file PATH] [--set section.key=value ...]
 
-``python retina_train/run.py ...`` without the launcher runs one process. The launcher runs this file as a script,
+``srun``, ``mpirun`` and ``torchrun`` start it too (:mod:`retina_train.launchers` reads the world from their variables);
+``python retina_train/run.py ...`` without a launcher runs one process. The launcher runs this file as a script,
 so the project must be installed (``pip install -e .``, as ``scripts/test.sh`` does) for its packages to import.
 The config resolves as dataclass defaults <- ``retina_train/configs/BACKBONE.yaml`` <- ``--config`` <- the flags
 here, and is written beside the run.
