@@ -59,7 +59,8 @@ def gather_arrays(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 def init_distributed(device: str) -> None:
     """Join the launcher's process group (gloo on the CPU, nccl on GPUs): the world any launcher describes
     (:func:`retina_train.launchers.detect_world`), written into torch's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
-    ``MASTER_ADDR``/``MASTER_PORT``; without a launcher, a group of one."""
+    ``MASTER_ADDR``/``MASTER_PORT``; without a launcher, a group of one. On ``cuda`` this rank's GPU becomes the
+    current device first (:func:`use_local_gpu`), so that NCCL never puts two ranks on one GPU."""
     if _dist() is not None:
         return
     import deepspeed
@@ -69,6 +70,7 @@ def init_distributed(device: str) -> None:
     if world.size > 1 and world.launcher != "env":
         log.info("rank %d of %d (local rank %d) from the %s launcher; rendezvous at %s:%d", world.rank, world.size,
                  world.local_rank, world.launcher, world.master_addr, world.master_port)  # fmt: skip
+    use_local_gpu(device)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
 
 

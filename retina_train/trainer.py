@@ -30,7 +30,7 @@ from retina_io.loader import build_loader
 from retina_io.schema import CLASSES
 from retina_train.backbones import create_backbone, param_groups
 from retina_train.config import ConfigError, RunConfig, config_differences, to_dict
-from retina_train.distributed import barrier, gather_arrays, init_distributed, rank_world, resolve_device, use_local_gpu
+from retina_train.distributed import barrier, gather_arrays, init_distributed, rank_world, resolve_device
 from retina_train.ds_config import build_ds_config
 from retina_train.inference import predict
 from retina_train.oof import write_oof
@@ -60,7 +60,6 @@ def run_folds(cfg: RunConfig) -> dict:
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     rank, world = rank_world()
-    use_local_gpu(device)
     settings = resolve_settings(cfg, device)
     dataset = PackedDataset.open(Path(cfg.data.dataset))
     folds = parse_folds(cfg.train.folds, dataset.k)

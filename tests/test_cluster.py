@@ -112,6 +112,17 @@ def test_local_gpu_is_the_local_rank_modulo_the_visible_gpus():
         distributed.local_gpu(0, 0)
 
 
+def test_a_task_shown_one_gpu_uses_it(monkeypatch):
+    """Issue 12: set_device(LOCAL_RANK) failed where the scheduler shows each task only its own GPU."""
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    distributed.use_local_gpu("cuda")
+    distributed.use_local_gpu("cpu")
+    assert chosen == [0]
+
+
 # ----------------------------------------------------------------------------------------------- the device
 @pytest.fixture
 def old_driver(monkeypatch):
