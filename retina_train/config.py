@@ -71,7 +71,7 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
     zero_stage: int = 0  # DeepSpeed ZeRO: 0 (all-reduce), 1 (optimizer state partitioned), 2 (gradients too)
     overlap_comm: bool = False  # ZeRO 1/2: overlap the gradient reduction with the backward pass
-    compile: bool = False  # torch.compile the model (GPU)
+    compile: bool = False  # torch.compile the model (any device; its first steps compile, minutes on a CPU)
     checkpoint_every: int = 0  # DeepSpeed checkpoint every N optimizer steps (0: at each epoch's end only)
     log_interval: int = 10
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON, used instead of the generated one

@@ -92,7 +92,7 @@ def local_gpu(local_rank: int, visible: int) -> int:
 def resolve_device(requested: str) -> str:
     """``auto`` -> ``cuda`` when CUDA can start, else ``cpu`` (said loudly, with the reason, on a CUDA build of
     torch); ``cuda`` where CUDA cannot start is a ConfigError with the reason. The one device decision of
-    training, ``retina-eval``, ``retina-predict``, ``retina-demo`` (and XGBoost's device in ``retina-stack``)."""
+    training, ``retina-eval``, ``retina-predict`` and ``retina-demo``."""
     if requested not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda; got {requested!r}")
     if requested == "cpu" or torch.cuda.is_available():

@@ -218,7 +218,7 @@ class Trainer:
                                     precision=s.precision)  # fmt: skip
         groups = param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, layer_decay=s.layer_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-        if cfg.train.compile and s.device == "cuda":
+        if cfg.train.compile:  # on the CPU too: 1.2-1.5x per step measured there (benchmarks/RESULTS.md)
             self.engine.compile()
         device = self.engine.device
         self.pos_weight = _pos_weight(self.dataset, self.train_folds).to(device) if cfg.optim.pos_weight else None

@@ -57,10 +57,11 @@ def main() -> None:
         for name in times:
             times[name] += [step(name) for _ in range(args.steps)]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({"backbone": args.backbone, "batch": args.batch, "image_size": args.image_size,
-                      "threads": torch.get_num_threads(), "eager_ms": round(1000 * med["eager"], 2),
-                      "compiled_ms": round(1000 * med["compiled"], 2),
-                      "speedup": round(med["eager"] / med["compiled"], 3), "compile_s": round(compile_s, 1)}))  # fmt: skip
+    result = {"backbone": args.backbone, "batch": args.batch, "image_size": args.image_size,
+              "threads": torch.get_num_threads(), "eager_ms": round(1000 * med["eager"], 2),
+              "compiled_ms": round(1000 * med["compiled"], 2), "speedup": round(med["eager"] / med["compiled"], 3),
+              "compile_s": round(compile_s, 1)}  # fmt: skip
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

