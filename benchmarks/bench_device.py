@@ -69,10 +69,10 @@ class Sizes:
 
 
 GPU = Sizes(images=2048, source_px=512, image_sizes=(224, 384), hw_decoder_loads=(0.0, 0.65, 0.9), loader_batch=256,
-            loader_epochs=4, backbones=("resnet50", "tf_efficientnetv2_m", "convnextv2_base", "vit_base_patch16_224",
+            loader_epochs=6, backbones=("resnet50", "tf_efficientnetv2_m", "convnextv2_base", "vit_base_patch16_224",
                                         "swinv2_base_window12_192", "retfound"),
             train_steps=20, train_epochs=2, train_batch=None, stack_rows=1_000_000, stack_trees=100,
-            demo={"n": 300, "size": 64, "epochs": 1, "n_external": 60, "bootstrap": 20})  # fmt: skip
+            demo={"n": 300, "size": 64, "epochs": 1, "n_external": 60, "bootstrap": 20, "folds": 2})  # fmt: skip
 DRY = Sizes(images=48, source_px=96, image_sizes=(64, 96), hw_decoder_loads=(0.0, 0.65, 0.9), loader_batch=16,
             loader_epochs=1, backbones=("tiny_resnet", "tiny_efficientnet", "tiny_convnext", "tiny_vit",
                                         "tiny_swinv2", "tiny_retfound"),
