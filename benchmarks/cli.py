@@ -1,11 +1,12 @@
-"""``retina-bench NAME [--quick] [--workers N] [--backbones tiny|paper]``: run one benchmark; prints a markdown table
-and, last, one JSON line."""
+"""``retina-bench NAME [--quick] [--workers N] [--backbones tiny|paper] [--dry-run] [--out DIR]``: run one
+benchmark; prints a markdown table and, last, one JSON line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "shard": ("benchmarks.bench_shard", "packing vs. GNU tar cf (store) and a naive PIL loop (--resize)"),
@@ -13,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("benchmarks.bench_train", "per backbone: fed by DALI vs. batch on device; DeepSpeed vs. plain loop"),
     "stack": ("benchmarks.bench_stack", "OOF table: polars vs pandas concat+pivot; meta-learner native vs MultiOutput"),
     "all": ("benchmarks.bench_all", "every benchmark; writes bench-out/all.json and bench-out/all.md"),
+    "device": ("benchmarks.bench_device", "everything a GPU must show in <= 8 min; --dry-run: on the CPU, tiny"),
 }
 
 
@@ -35,12 +37,18 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--workers", type=int, default=2, help="worker processes for our side")
     p.add_argument("--backbones", choices=("tiny", "paper"), default="tiny",
                    help="train/all: the tiny stand-ins (CPU) or the paper's six at full size (GPU)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="device: the same plan on the CPU at tiny sizes")
+    p.add_argument("--out", type=Path, default=None, help="device: folder for device.json and device.md")
     args = p.parse_args(argv)
     from benchmarks.common import emit
 
     kw = {"backbones": args.backbones} if args.name in ("train", "all") else {}
     if args.backbones != "tiny" and not kw:
         p.error(f"--backbones applies to 'train' and 'all', not {args.name!r}")
+    if args.name == "device":
+        kw.update(dry_run=args.dry_run, out=args.out)
+    elif args.dry_run or args.out is not None:
+        p.error(f"--dry-run and --out apply to 'device', not {args.name!r}")
     result = _load(args.name)(quick=args.quick, workers=args.workers, **kw)
     emit(result)
     return 0

@@ -23,6 +23,7 @@ class Row:
     items: int
     nbytes: int = 0
     note: str = ""
+    skipped: str = ""  # why this row was not run (e.g. no GPU here): reported as such, with no figures
 
     @property
     def per_second(self) -> float:
@@ -44,6 +45,9 @@ class BenchResult:
     def markdown(self) -> str:
         lines = ["| run | seconds | images/s | MB/s | note |", "| --- | ---: | ---: | ---: | --- |"]
         for r in self.rows:
+            if r.skipped:
+                lines.append(f"| {r.name} | - | - | - | skipped: {r.skipped} |")
+                continue
             lines.append(f"| {r.name} | {r.seconds:.3f} | {r.per_second:,.0f} | {r.mb_per_second:,.1f} | {r.note} |")
         return "\n".join(lines)
 
@@ -54,7 +58,9 @@ class BenchResult:
             "goal": self.goal,
             **self.extra,
             "rows": [
-                {
+                {"name": r.name, "skipped": r.skipped}
+                if r.skipped
+                else {
                     "name": r.name,
                     "seconds": round(r.seconds, 4),
                     "images_per_s": round(r.per_second, 1),

@@ -212,6 +212,71 @@ def test_native_and_multioutput_agree_and_gain_matches_xgboost():
         assert np.allclose([total.get(c, 0.0) for c in cols], gain[j], rtol=1e-4)
 
 
+def _fake_cupy(calls: list) -> object:
+    """A stand-in CuPy module whose "GPU" arrays are numpy arrays (records each host->device copy)."""
+    import types
+
+    def asarray(x):
+        calls.append(("asarray", x.shape))
+        return np.asarray(x)
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    return types.SimpleNamespace(asarray=asarray, asnumpy=np.asarray, cuda=types.SimpleNamespace(runtime=runtime))
+
+
+def test_prediction_path_matches_the_boosters_device(monkeypatch):
+    import sys
+
+    from retina_train.stack.meta import prediction_path
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    assert prediction_path("cpu") == "numpy"
+    assert prediction_path("cuda") == "dmatrix"
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy([]))
+    assert prediction_path("cpu") == "numpy", "the CPU path never changes"
+    assert prediction_path("cuda") == "cupy"
+
+
+def test_cuda_prediction_feeds_device_matched_data_and_gives_the_cpu_result(monkeypatch):
+    """On cuda the boosters get no host array through inplace_predict (XGBoost's per-call DMatrix fallback): the rows
+    go to the GPU once (CuPy) or into one DMatrix shared by every booster. Boosters trained on the CPU stand in for
+    GPU ones; the probabilities must equal the CPU path's."""
+    import sys
+
+    import xgboost as xgb
+
+    rng = np.random.default_rng(2)
+    Y = (rng.random((400, 3)) < 0.3).astype(np.uint8)
+    X = (rng.normal(0, 1, (400, 6)) + np.repeat(Y, 2, axis=1)).astype(np.float32)
+    cols = [f"{m}__{c}" for m in ("a", "b") for c in ("DR", "AMD", "AON")]
+    learner = create_meta_learner(cols, ["DR", "AMD", "AON"], strategy="multioutput", params=FAST).fit(X, Y)
+    expected = learner.predict_proba(X)  # device cpu: inplace_predict on numpy, as before
+    host_inplace, dmatrices = [], []
+    real_inplace, real_dmatrix = xgb.Booster.inplace_predict, xgb.DMatrix
+
+    def inplace(self, data, **kw):
+        host_inplace.append(isinstance(data, np.ndarray) and not cupy_active[0])
+        return real_inplace(self, data, **kw)
+
+    def dmatrix(*a, **kw):
+        dmatrices.append(1)
+        return real_dmatrix(*a, **kw)
+
+    cupy_active = [False]
+    monkeypatch.setattr(xgb.Booster, "inplace_predict", inplace)
+    monkeypatch.setattr(xgb, "DMatrix", dmatrix)
+    learner.device = "cuda"
+    monkeypatch.setitem(sys.modules, "cupy", None)  # no CuPy: one explicit DMatrix per call
+    np.testing.assert_array_equal(learner.predict_proba(X), expected)
+    assert dmatrices == [1] and not host_inplace, "one DMatrix for all 3 boosters, no host inplace_predict"
+    copies: list = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(copies))
+    cupy_active[0] = True
+    np.testing.assert_array_equal(learner.predict_proba(X), expected)
+    assert copies == [("asarray", X.shape)], "the rows go to the device once per call, not once per booster"
+    assert dmatrices == [1], "no DMatrix on the CuPy path"
+
+
 # ------------------------------------------------------------------------------------------------- the whole step
 
 

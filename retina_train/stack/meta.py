@@ -1,7 +1,9 @@
 """The meta-learner: XGBoost over the ``MODEL__CLASS`` features, its parameters, device, saving and loading.
 
-:func:`create_meta_learner`: XGBoost, ``tree_method="hist"``, on ``device="cuda"`` when a GPU is visible. Two
-strategies fit the same model — binary relevance, one boosted tree ensemble per class:
+:func:`create_meta_learner`: XGBoost, ``tree_method="hist"``, on ``device="cuda"`` when a GPU is visible; on cuda
+prediction feeds the boosters device-matched data (:func:`prediction_path`: CuPy, else one DMatrix per call), never a
+host array through ``inplace_predict``. Two strategies fit the same model — binary relevance, one boosted tree
+ensemble per class:
 
 - ``multioutput``: scikit-learn ``MultiOutputClassifier(XGBClassifier(...))``, as in the paper: one booster per
   class, each building its own quantile sketch.
@@ -85,6 +87,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def prediction_path(device: str) -> str:
+    """How :meth:`MetaLearner.predict_proba` feeds its boosters, so that the data sits where they run.
+
+    ``numpy`` on the CPU (``inplace_predict`` on the host array). On ``cuda`` a host array would make XGBoost
+    fall back to building a DMatrix per booster and call (its "Falling back to prediction using DMatrix due to
+    mismatched devices" warning): ``cupy`` when CuPy is importable (the rows copied to the GPU once per call,
+    ``inplace_predict`` there), else ``dmatrix`` (one explicit ``DMatrix`` per call, shared by every booster).
+    """
+    if device == "cpu":
+        return "numpy"
+    return "cupy" if _cupy_usable() else "dmatrix"
+
+
+def _cupy_usable() -> bool:
+    """CuPy imports and sees a GPU (a CuPy built for another CUDA imports but cannot start: not usable)."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - not installed, or installed for another CUDA/driver
+        return False
+
+
 @dataclass
 class MetaLearner:
     """The XGBoost meta-learner: ``MODEL__CLASS`` features in a fixed order -> one probability per target class."""
@@ -160,8 +185,20 @@ class MetaLearner:
                 raise StackError(f"feature matrix of shape {X.shape}: expected (n, {len(self.feature_columns)})")
         if not self.boosters:
             raise StackError("the meta-learner is not fitted")
-        preds = [np.asarray(b.inplace_predict(X)).reshape(len(X), -1) for b in self.boosters]
-        return np.concatenate(preds, axis=1).astype(np.float32)
+        path = prediction_path(self.device)
+        if path == "numpy":
+            preds = [np.asarray(b.inplace_predict(X)) for b in self.boosters]
+        elif path == "cupy":  # the rows copied to the GPU once, every booster predicts them there
+            import cupy
+
+            X_gpu = cupy.asarray(X)
+            preds = [cupy.asnumpy(b.inplace_predict(X_gpu)) for b in self.boosters]
+        else:  # one DMatrix for all boosters, not one fallback DMatrix per booster
+            import xgboost as xgb
+
+            dm = xgb.DMatrix(X, feature_names=self.feature_columns, nthread=self.params.n_jobs or -1)
+            preds = [b.predict(dm) for b in self.boosters]
+        return np.concatenate([p.reshape(len(X), -1) for p in preds], axis=1).astype(np.float32)
 
     def gain(self) -> np.ndarray:
         """``(classes, features)`` total split gain of each feature in each class's trees."""
