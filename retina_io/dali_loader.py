@@ -1,4 +1,4 @@
-"""The DALI backend of :mod:`retina_io.loader`: shards read by offset → DALI decode + geometry → torch colour, normalise.
+"""The DALI backend of :mod:`retina_io.loader`: tars read by offset → DALI decode + geometry → torch colour, mean/std.
 
 **One pipeline per loader**, built on first use and kept across epochs (decoder and hardware-decoder setup happen
 once). Python reads the epoch's samples straight from the tars at the offsets of their ``.idx`` files and hands
@@ -48,7 +48,7 @@ def build_pipeline(cfg: LoaderConfig, source):
     decoder_kw = {"hw_decoder_load": cfg.hw_decoder_load} if decode_device == "mixed" else {}
     size = cfg.image_size
 
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.threads, device_id=device_id,
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.threads), device_id=device_id,
                   seed=epoch_seed(cfg.seed, 0), prefetch_queue_depth=cfg.prefetch_queue_depth)  # fmt: skip
     def pipe():
         if cfg.mode != "train":
@@ -198,7 +198,6 @@ class DaliLoader(EpochPlan):
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch``, from ``start_step`` on."""
-        cfg = self.cfg
         self.epoch_shards(epoch, start_step)  # checks start_step
         self._start(epoch, start_step)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None

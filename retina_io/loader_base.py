@@ -44,7 +44,8 @@ class LoaderSettings:
 
     batch_size: int = 64  # per rank
     backend: str = "dali"  # "dali" or "wds"
-    num_threads: int = 0  # DALI CPU threads / fallback DataLoader workers; 0: the cores per local rank (threads)
+    # DALI CPU threads / fallback DataLoader workers (0: in the main process); None: the cores per local rank
+    num_threads: int | None = None
     prefetch_queue_depth: int = 2  # batches prepared ahead (DALI pipeline queue; fallback: per worker)
     shuffle_buffer: int = 1024  # samples in the train-mode shuffle buffer (DALI initial_fill)
     # Ben Graham's local contrast normalisation (Kaggle DR 2015), train and eval alike, before mean/std:
@@ -110,8 +111,8 @@ class LoaderConfig(LoaderSettings):
 
     @property
     def threads(self) -> int:
-        """DALI CPU threads / fallback workers: :attr:`num_threads`, or for 0 the cores per local rank."""
-        return self.num_threads if self.num_threads > 0 else default_threads()
+        """DALI CPU threads / fallback workers: :attr:`num_threads`, or for None the cores per local rank."""
+        return self.num_threads if self.num_threads is not None else default_threads()
 
     @property
     def resolved_decode_device(self) -> str:

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from retina_io.dataset import DatasetError
 from retina_io.augment import local_contrast
+from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, buffer_shuffle, epoch_seed, rank_range
 from retina_io.schema import decode_labels, parse_key
 from retina_io.tario import MemberError, split_member
@@ -187,7 +187,7 @@ class WdsLoader(EpochPlan):
         cfg = self.cfg
         shards = self.epoch_shards(epoch, start_step)
         stream = _EpochStream(cfg, shards, self.total, self.steps_per_epoch, epoch, start_step)
-        workers = cfg.threads
+        workers = max(0, cfg.threads)
         loader = DataLoader(stream, batch_size=None, num_workers=workers,
                             prefetch_factor=cfg.prefetch_queue_depth if workers else None,
                             pin_memory=self.device.type == "cuda")  # fmt: skip
