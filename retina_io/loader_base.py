@@ -137,7 +137,7 @@ class Loader(Protocol):
 
 
 def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous part ``[start, end)`` of ``n`` samples (DALI's ``shard_id``/``num_shards`` split)."""
+    """Rank ``rank``'s contiguous part ``[start, end)`` of ``n`` samples (DALI's ``shard_id``/``num_shards`` rule)."""
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
