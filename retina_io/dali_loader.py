@@ -1,117 +1,71 @@
-"""The DALI backend of :mod:`retina_io.loader`: ``fn.readers.webdataset`` → decode (+ augment) → normalise.
+"""The DALI backend of :mod:`retina_io.loader`: tars read by offset → DALI decode + geometry → torch colour, mean/std.
 
-One pipeline per epoch (its seed includes the epoch number, so every epoch reshuffles and any epoch can be started
-directly). Keys travel through DALI as the reader's *source info* of the ``labels`` component
-(``"<tar>:<offset>:<KEY>.labels"``): no extra shard component and no JSON parsing per sample. With
-``pad_last_batch=True`` DALI pads every rank's part to the same number of batches by repeating the part's last sample;
-a repeated key within a rank's epoch is a padded row and gets key -1.
+**One pipeline per loader**, built on first use and kept across epochs (decoder and hardware-decoder setup happen
+once). Python reads the epoch's samples straight from the tars at the offsets of their ``.idx`` files and hands
+them to the pipeline through ``fn.external_source``, batch after batch, with each batch's augmentation parameters
+(:mod:`retina_io.augment`); at the epoch's end the source stops, the pipeline drains and is ``reset()``. So an epoch
+is read in :meth:`EpochPlan.epoch_order` (the order the fallback backend reads too: the epoch's shard order, this
+rank's contiguous part, a ``shuffle_buffer`` seeded with (seed, epoch) in train mode) and augmented as
+:func:`retina_io.augment.batch_rng` says, whatever ran before: any epoch, from any step, without replaying batches.
+Padded rows (every rank runs the same number of whole batches) are copies of the part's last sample, key -1.
 
-DALI takes member names and offsets from the ``.idx`` files, so those are checked when the loader is built
-(:meth:`retina_io.dataset.PackedDataset.check_dali_indexes`); a bad key or a short epoch is a :class:`DatasetError`.
+Shards are read memory-mapped, or with plain reads when ``dont_use_mmap`` is set (network filesystems). The
+``.idx`` files are checked when the loader is built (:meth:`retina_io.dataset.PackedDataset.check_dali_indexes`), the
+crop is drawn from ``index.parquet``'s ``width``/``height`` (train mode), and a bad key is a :class:`DatasetError`.
+On a GPU (``decode_device="mixed"``) the pipeline runs on torch's current CUDA stream and its output is copied on it.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, photometric
 from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
-from retina_io.schema import parse_key
+from retina_io.schema import NUM_CLASSES, parse_key
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_pipeline(cfg: LoaderConfig, tars: list[str], idxs: list[str], *, epoch: int):
-    """The DALI pipeline for one epoch of ``cfg`` over ``tars`` (already in this epoch's order)."""
+def build_pipeline(cfg: LoaderConfig, source):
+    """The DALI pipeline of ``cfg``, fed by ``source`` (a callable returning one batch of inputs per call): encoded
+    images in eval mode; in train mode also the crop (relative anchor and shape) and either the ``warp_affine``
+    matrices (rotation on) or the resize regions (rotation off). Its one output: ``size × size`` RGB, HWC, on
+    0..255 (uint8, or float with local contrast in eval mode)."""
     from nvidia.dali import fn, pipeline_def, types
 
     decode_device = cfg.resolved_decode_device
-    device_id = None
-    if decode_device == "mixed":
-        device_id = torch.device(cfg.device).index or 0
-    train = cfg.mode == "train"
-    aug = cfg.augment
+    device_id = (torch.device(cfg.device).index or 0) if decode_device == "mixed" else None
+    decoder_kw = {"hw_decoder_load": cfg.hw_decoder_load} if decode_device == "mixed" else {}
     size = cfg.image_size
-    seed = epoch_seed(cfg.seed, epoch)
 
-    @pipeline_def(
-        batch_size=cfg.batch_size,
-        num_threads=cfg.num_threads,
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=cfg.prefetch_queue_depth,
-    )
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.threads), device_id=device_id,
+                  seed=epoch_seed(cfg.seed, 0), prefetch_queue_depth=cfg.prefetch_queue_depth)  # fmt: skip
     def pipe():
-        encoded, labels = fn.readers.webdataset(
-            paths=tars,
-            index_paths=idxs,
-            ext=["jpg;png", "labels"],
-            missing_component_behavior="error",
-            random_shuffle=train,
-            initial_fill=max(cfg.shuffle_buffer, 1),
-            seed=seed,
-            shard_id=cfg.rank,
-            num_shards=cfg.world_size,
-            pad_last_batch=True,
-            stick_to_shard=True,
-            name="reader",
-        )
-        decoder_kw = {"hw_decoder_load": cfg.hw_decoder_load} if decode_device == "mixed" else {}
-        if train:
-            images = fn.decoders.image_random_crop(
-                encoded,
-                device=decode_device,
-                output_type=types.RGB,
-                random_area=list(aug.random_area),
-                random_aspect_ratio=list(aug.random_aspect_ratio),
-                **decoder_kw,
-            )
-            images = fn.resize(images, size=[size, size])
-            if aug.rotate_degrees > 0:
-                angle = fn.random.uniform(range=[-aug.rotate_degrees, aug.rotate_degrees])
-                images = fn.rotate(images, angle=angle, keep_size=True, fill_value=0)
-            if aug.vflip > 0:
-                images = fn.flip(images, horizontal=0, vertical=fn.random.coin_flip(probability=aug.vflip))
-            if max(aug.brightness, aug.contrast, aug.saturation, aug.hue_degrees) > 0:
-                images = fn.color_twist(
-                    images,
-                    brightness=_uniform(fn, 1 - aug.brightness, 1 + aug.brightness),
-                    contrast=_uniform(fn, 1 - aug.contrast, 1 + aug.contrast),
-                    saturation=_uniform(fn, 1 - aug.saturation, 1 + aug.saturation),
-                    hue=_uniform(fn, -aug.hue_degrees, aug.hue_degrees),
-                )
-            if aug.gamma is not None:
-                from nvidia.dali import math as dmath
-
-                gamma = _uniform(fn, *aug.gamma)
-                images = dmath.pow(images / 255.0, gamma) * 255.0
-            if aug.blur_probability > 0:
-                blurred = fn.gaussian_blur(images, sigma=_uniform(fn, *aug.blur_sigma))
-                pick = fn.cast(fn.random.coin_flip(probability=aug.blur_probability), dtype=types.FLOAT)
-                images = pick * blurred + (1.0 - pick) * images
-            mirror = fn.random.coin_flip(probability=aug.hflip)
-        else:
+        if cfg.mode != "train":
+            encoded = fn.external_source(source=source, batch=True, name="encoded")
             images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **decoder_kw)
             images = fn.resize(images, resize_shorter=size / cfg.eval_crop)
-            mirror = 0
-        if cfg.local_contrast > 0:
-            images = _local_contrast(fn, images, cfg.local_contrast_sigma)
-        images = fn.crop_mirror_normalize(
-            images,
-            crop=[size, size],
-            mean=[m * 255.0 for m in cfg.mean],
-            std=[s * 255.0 for s in cfg.std],
-            mirror=mirror,
-            dtype=types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,
-            output_layout="CHW" if cfg.layout == "NCHW" else "HWC",
-        )
-        return images, labels
+            if cfg.local_contrast > 0:  # on the resized image, before the crop, like the fallback
+                images = _local_contrast(fn, images, cfg.local_contrast_sigma)
+            return fn.crop(images, crop=[size, size])
+        warp = cfg.augment.rotate_degrees > 0
+        encoded, anchor, shape, *region = fn.external_source(source=source, batch=True, num_outputs=4 if warp else 5)
+        images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB,
+                                         normalized_anchor=True, normalized_shape=True, **decoder_kw)  # fmt: skip
+        if warp:  # one resampling: scale, rotation and flips in one matrix
+            return fn.warp_affine(images, matrix=region[0], size=[size, size], fill_value=0,
+                                  interp_type=types.INTERP_LINEAR)  # fmt: skip
+        return fn.resize(images, size=[size, size], roi_start=region[0], roi_end=region[1], roi_relative=True)
 
     return pipe()
 
@@ -125,30 +79,75 @@ def _local_contrast(fn, images, sigma: float):
     return dmath.clamp(4.0 * (x - fn.gaussian_blur(x, sigma=sigma)) + 128.0, 0.0, 255.0)
 
 
-def _uniform(fn, lo: float, hi: float):
-    """A per-sample uniform draw in [lo, hi], or the constant when the range is empty (DALI refuses lo == hi)."""
-    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+class ShardReader:
+    """The samples of ``shards`` (manifest order) by position: image bytes, labels, key; memory-mapped or read."""
+
+    def __init__(self, shards: list, *, use_mmap: bool = True):
+        tar, image, labels, keys = [], [], [], []
+        for t, s in enumerate(shards):
+            from retina_io.tario import read_idx  # checked already by check_dali_indexes
+
+            for members in read_idx(s.idx, s.tar.stat().st_size):
+                name = members[0][0].partition(".")[0]
+                try:
+                    keys.append(parse_key(name))
+                except ValueError as exc:
+                    raise DatasetError(f"shard {s.tar}: member {name!r}: {exc}") from None
+                tar.append(t)
+                by_ext = {n.partition(".")[2]: (off, size) for n, off, size in members}
+                image.append(by_ext.get("jpg") or by_ext["png"])
+                labels.append(by_ext["labels"][0])
+        self.tar = np.asarray(tar, np.int32)
+        self.image = np.asarray(image, np.int64).reshape(-1, 2)
+        self.labels = np.asarray(labels, np.int64)
+        self.keys = np.asarray(keys, np.int64)
+        self._files = [open(s.tar, "rb") for s in shards]  # noqa: SIM115 - open for the loader's lifetime
+        self._maps = [mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for f in self._files] if use_mmap else None
+
+    def _read(self, t: int, offset: int, size: int) -> np.ndarray:
+        if self._maps is not None:
+            return np.frombuffer(self._maps[t], np.uint8, size, offset)
+        return np.frombuffer(os.pread(self._files[t].fileno(), size, offset), np.uint8)
+
+    def images(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [self._read(int(self.tar[i]), int(self.image[i, 0]), int(self.image[i, 1])) for i in rows]
+
+    def label_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.stack([self._read(int(self.tar[i]), int(self.labels[i]), NUM_CLASSES) for i in rows])
 
 
-def _key_of(source_info: str) -> int:
-    # "<tar path>:<offset>:<KEY>.labels" -> KEY (the tar path may itself contain ':'; the member name is last)
-    tar, _, member = source_info.rpartition(":")
-    try:
-        return parse_key(member.split(".", 1)[0])
-    except ValueError as exc:
-        raise DatasetError(f"shard {tar.rpartition(':')[0]}: member {member!r}: {exc}") from None
+def _image_sizes(dataset, folds, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``width``, ``height`` of each of ``keys`` from ``index.parquet`` (the crop is drawn before decoding)."""
+    index = dataset.index(folds)
+    hint = f"run `retina-shard verify {dataset.root}`"
+    if "width" not in index.columns or "height" not in index.columns:
+        raise DatasetError(f"{dataset.root / 'index.parquet'} has no width/height columns; {hint}")
+    k = index["key"].cast(int).to_numpy()
+    w, h = index["width"].to_numpy(), index["height"].to_numpy()
+    order = np.argsort(k)
+    pos = np.searchsorted(k, keys, sorter=order).clip(0, len(k) - 1)
+    found = order[pos]
+    w, h = w[found].astype(np.float64), h[found].astype(np.float64)  # nulls: NaN
+    bad = (k[found] != keys) | ~(w >= 1) | ~(h >= 1)
+    if bad.any():
+        raise DatasetError(f"{dataset.root / 'index.parquet'}: no usable width/height for key {keys[bad][0]}; {hint}")
+    return w, h
 
 
-def _to_torch(tl, device: torch.device) -> torch.Tensor:
-    from nvidia.dali.backend import TensorListGPU
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+class _Feed:
+    """The pipeline's external source: the batches of the epoch being read, then StopIteration (the epoch's end).
 
-    if isinstance(tl, TensorListGPU):
-        t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device=device))
-        return out
-    return torch.from_numpy(tl.as_array()).to(device, non_blocking=True)
+    Each call also queues what the consumer needs with that batch (keys, labels, colour parameters): DALI returns
+    batches in the order it asked for them."""
+
+    def __init__(self):
+        self.batches: Iterator = iter(())
+        self.pending: deque = deque()
+
+    def __call__(self):
+        inputs, extra = next(self.batches)
+        self.pending.append(extra)
+        return inputs
 
 
 class DaliLoader(EpochPlan):
@@ -157,38 +156,83 @@ class DaliLoader(EpochPlan):
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
         self.dataset.check_dali_indexes(self.shards)
+        self.reader = ShardReader(self.shards, use_mmap=not cfg.dont_use_mmap)
+        self.sizes = _image_sizes(self.dataset, cfg.folds, self.reader.keys) if cfg.mode == "train" else None
+        self._feed = _Feed()
         self._pipe = None
+        self._open = False  # an epoch started and not drained
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator:
+        """(pipeline inputs, (keys, labels, colour parameters)) of each batch of ``epoch`` from ``start_step``."""
+        cfg, reader = self.cfg, self.reader
+        order, padded = self.epoch_order(epoch)
+        for step in range(start_step, self.steps_per_epoch):
+            rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            keys = np.where(padded[step * cfg.batch_size : (step + 1) * cfg.batch_size], -1, reader.keys[rows])
+            encoded = reader.images(rows)
+            if cfg.mode != "train":
+                yield encoded, (keys, reader.label_rows(rows), None)
+                continue
+            rng = batch_rng(cfg.seed, epoch, cfg.rank, step)
+            geo = draw_geometry(rng, self.sizes[0][rows], self.sizes[1][rows], cfg.augment, cfg.image_size)
+            region = (geo.matrix,) if cfg.augment.rotate_degrees > 0 else (geo.roi_start, geo.roi_end)
+            photo = draw_photometric(rng, len(rows), cfg.augment)
+            yield (encoded, geo.anchor, geo.shape, *region), (keys, reader.label_rows(rows), photo)
+
+    def _start(self, epoch: int, start_step: int) -> None:
+        """Point the pipeline at ``epoch`` from ``start_step``: build it once, or drain and reset it."""
+        if self._pipe is None:
+            self._pipe = build_pipeline(self.cfg, self._feed)
+            self._pipe.build()
+        elif self._open:  # the previous epoch was left early: stop feeding, drain what is queued, reset
+            self._feed.batches = iter(())
+            try:
+                while True:
+                    self._pipe.run()
+            except StopIteration:
+                pass
+            self._pipe.reset()
+            self._feed.pending.clear()
+        self._feed.batches = self._batches(epoch, start_step)
+        self._open = True
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """This rank's batches of ``epoch``, from ``start_step`` on (earlier steps are replayed, not returned)."""
-        cfg = self.cfg
-        shards = self.epoch_shards(epoch, start_step)
-        self._pipe = None  # free the previous epoch's pipeline before building the next
-        pipe = build_pipeline(cfg, [str(s.tar) for s in shards], [str(s.idx) for s in shards], epoch=epoch)
-        pipe.build()
-        self._pipe = pipe
-        seen: set[int] = set()
-        dtype = _TORCH_DTYPES[cfg.dtype]
-        if start_step:
-            log.info("resuming epoch %d at step %d: replaying %d batches", epoch, start_step, start_step)
-        for step in range(self.steps_per_epoch):
-            images, labels = pipe.run()
-            keys = np.empty(len(labels), dtype=np.int64)
-            for i in range(len(labels)):
-                key = _key_of(labels[i].source_info())
-                keys[i] = -1 if key in seen else key
-                seen.add(key)
-            if step < start_step:
-                continue
-            x = _to_torch(images, self.device)
-            if cfg.layout == "NHWC":
-                x = x.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
-            if x.dtype != dtype:
-                x = x.to(dtype)
-            y = torch.from_numpy(labels.as_array()).to(self.device, non_blocking=True).float()
+        """This rank's batches of ``epoch``, from ``start_step`` on."""
+        self.epoch_shards(epoch, start_step)  # checks start_step
+        self._start(epoch, start_step)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for _ in range(start_step, self.steps_per_epoch):
+            (images,) = self._pipe.run(stream) if stream is not None else self._pipe.run()
+            keys, labels, photo = self._feed.pending.popleft()
+            x = self._finish(_to_torch(images, self.device, stream), photo)
+            y = torch.from_numpy(labels).to(self.device, non_blocking=True).float()
             yield Batch(x, y, torch.from_numpy(keys).to(self.device, non_blocking=True))
-        if len(seen) != self.num_samples:
-            raise DatasetError(
-                f"rank {cfg.rank} saw {len(seen)} distinct samples in epoch {epoch}, expected {self.num_samples}: "
-                f"run `retina-shard verify {cfg.data}`"
-            )
+        try:  # the source is spent: this ends the epoch in the pipeline (StopIteration), ready for reset()
+            self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+            self._open = False
+
+    def _finish(self, x: torch.Tensor, photo: Photometric | None) -> torch.Tensor:
+        """N×H×W×C pixels on 0..255 -> the colour augmentation, local contrast (train), mean/std, layout, dtype."""
+        cfg = self.cfg
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # NCHW shape, channels-last memory
+        if cfg.mode == "train":
+            x = photometric(x, photo, local_contrast_sigma=cfg.local_contrast_sigma)
+        mean = torch.tensor(cfg.mean, device=x.device)[:, None, None]
+        std = torch.tensor(cfg.std, device=x.device)[:, None, None]
+        x = (x - mean) / std
+        x = x.contiguous(memory_format=torch.channels_last if cfg.layout == "NHWC" else torch.contiguous_format)
+        return x.to(_TORCH_DTYPES[cfg.dtype])
+
+
+def _to_torch(tl, device: torch.device, stream) -> torch.Tensor:
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    if isinstance(tl, TensorListGPU):
+        t = tl.as_tensor()
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+        feed_ndarray(t, out, cuda_stream=stream)
+        return out
+    return torch.from_numpy(tl.as_array()).to(device, non_blocking=True)

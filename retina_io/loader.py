@@ -9,16 +9,19 @@ samples) and ``iter_epoch(epoch, start_step=0)``, which yields :class:`Batch` ``
 - ``keys``: int64 ``N``, the sample keys of shard format v1 as integers; **-1 marks a padded row** (every rank runs
   the same number of full batches; padded rows must not reach a loss, a metric or an OOF file: ``keys >= 0``).
 
-Backends: ``dali`` (NVIDIA DALI: ``fn.readers.webdataset`` over the folds' tars and ``.idx`` files, decoding on the
-GPU with ``decode_device="mixed"`` or on the CPU with ``"cpu"``) and ``wds`` (the stock ``webdataset`` library +
-PIL + a torch DataLoader, for machines without DALI). In eval mode both yield the same keys with the same labels.
+Backends: ``dali`` (NVIDIA DALI, one pipeline per loader: the folds' tars read at their ``.idx`` offsets and fed
+through ``fn.external_source``, decoded on the GPU with ``decode_device="mixed"`` or on the CPU with ``"cpu"``; one
+resampling for crop, resize, rotation and flips; colour on the batch in torch: :mod:`retina_io.augment`) and
+``wds`` (the stock ``webdataset`` library + PIL + a torch DataLoader, for machines without DALI). Both yield the same
+keys in the same order with the same labels.
 
-Ranks: ``rank``/``world_size`` split each epoch's samples into equal contiguous parts (DALI's ``shard_id`` /
-``num_shards``); parts are padded to the same number of batches. Train mode reshuffles every epoch (the epoch number
-is part of the seed): the order of the tars is permuted, then a shuffle buffer mixes samples (the packer already
-shuffled each fold globally). Eval mode reads in manifest order, deterministically.
+Ranks: ``rank``/``world_size`` split each epoch's samples into equal contiguous parts; parts are padded to the same
+number of batches. Train mode reshuffles every epoch (the epoch number is part of the seed): the order of the tars is
+permuted, then a shuffle buffer mixes the rank's part (the packer already shuffled each fold globally). Eval mode
+reads in manifest order, deterministically. Threads (``num_threads=None``): the cores per local rank.
 
-Resume: ``iter_epoch(epoch, start_step=N)`` yields exactly the batches an uninterrupted epoch yields from step N on.
+Resume: ``iter_epoch(epoch, start_step=N)`` yields exactly the batches an uninterrupted epoch yields from step N on
+(DALI: without decoding the first N; a batch's augmentation depends on (seed, epoch, rank, step) only).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +44,17 @@ class LoaderSettings:
 
     batch_size: int = 64  # per rank
     backend: str = "dali"  # "dali" or "wds"
-    num_threads: int = 2  # DALI CPU threads / fallback DataLoader workers
+    # DALI CPU threads / fallback DataLoader workers (0: in the main process); None: the cores per local rank
+    num_threads: int | None = None
     prefetch_queue_depth: int = 2  # batches prepared ahead (DALI pipeline queue; fallback: per worker)
     shuffle_buffer: int = 1024  # samples in the train-mode shuffle buffer (DALI initial_fill)
     # Ben Graham's local contrast normalisation (Kaggle DR 2015), train and eval alike, before mean/std:
     # x <- clip(4 * (x - GaussianBlur(x, sigma)) + 128, 0, 255) with sigma = local_contrast * image_size; 0: off.
     # Flattens illumination and colour casts and lifts small lesions; a from-scratch model learns them sooner.
     local_contrast: float = 0.0
+    # read shards with plain reads instead of memory-mapping them: for network filesystems (NFS, Lustre, GPFS), where
+    # a page fault per image stalls the reading thread and mapped pages count against the job's memory
+    dont_use_mmap: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -105,6 +110,11 @@ class LoaderConfig(LoaderSettings):
         return self.local_contrast * self.image_size
 
     @property
+    def threads(self) -> int:
+        """DALI CPU threads / fallback workers: :attr:`num_threads`, or for None the cores per local rank."""
+        return self.num_threads if self.num_threads is not None else default_threads()
+
+    @property
     def resolved_decode_device(self) -> str:
         if self.decode_device == "auto":
             return "mixed" if self.device.startswith("cuda") else "cpu"
@@ -127,7 +137,7 @@ class Loader(Protocol):
 
 
 def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous part ``[start, end)`` of ``n`` samples (DALI's ``shard_id``/``num_shards`` split)."""
+    """Rank ``rank``'s contiguous part ``[start, end)`` of ``n`` samples (DALI's ``shard_id``/``num_shards`` rule)."""
     return n * rank // world_size, n * (rank + 1) // world_size
 
 
@@ -140,6 +150,32 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 31-bit seed from the run's seed and the epoch (DALI seeds are int32)."""
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31 - 1)
+
+
+def local_world_size() -> int:
+    """Ranks on this node, from the launcher's variables (torchrun/DeepSpeed, Open MPI, MPICH/PMI, Slurm); 1 if none."""
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "").split("(")[0].split(",")[0]  # Slurm: "4(x2)" or "4,2"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_threads() -> int:
+    """The CPU cores this process may run on, shared among the ranks of its node (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size())
+
+
+def buffer_shuffle(items: Iterator, buffer: int, rng) -> Iterator:
+    """A shuffle buffer like DALI's reader: fill ``buffer`` items, then emit a random one for each new item."""
+    buf: list = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= buffer:
+            yield buf.pop(int(rng.integers(len(buf))))
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
 
 
 def epoch_shards(shards: list, cfg: LoaderConfig, epoch: int) -> list:
@@ -174,3 +210,24 @@ class EpochPlan:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step must be in 0..{self.steps_per_epoch}; got {start_step}")
         return epoch_shards(self.shards, self.cfg, epoch)
+
+    def epoch_order(self, epoch: int):
+        """This rank's samples of ``epoch`` in reading order, as positions in the manifest-order concatenation of
+        :attr:`shards`, padded to ``steps_per_epoch`` whole batches with copies of the last (the int64 array, and a
+        bool mask of the padded rows). The order both backends read: the epoch's shard order, this rank's contiguous
+        part of it, in train mode mixed by a ``shuffle_buffer`` seeded with (seed, epoch)."""
+        import numpy as np
+
+        cfg = self.cfg
+        first = np.cumsum([0] + [s.samples for s in self.shards])
+        where = {id(s): i for i, s in enumerate(self.shards)}
+        stream = np.concatenate([np.arange(first[where[id(s)]], first[where[id(s)] + 1])
+                                 for s in epoch_shards(self.shards, cfg, epoch)])  # fmt: skip
+        start, end = rank_range(self.total, cfg.rank, cfg.world_size)
+        part = stream[start:end]
+        if cfg.mode == "train":
+            rng = np.random.default_rng(epoch_seed(cfg.seed, epoch))
+            part = np.fromiter(buffer_shuffle(iter(part.tolist()), cfg.shuffle_buffer, rng), np.int64, len(part))
+        pad = self.steps_per_epoch * cfg.batch_size - len(part)
+        order = np.concatenate([part, np.full(pad, part[-1] if len(part) else 0, dtype=np.int64)])
+        return order, np.arange(len(order)) >= len(part)

@@ -14,7 +14,6 @@ Shards are untrusted: every shard read must deliver exactly the samples the mani
 from __future__ import annotations
 
 import io
-import math
 import random
 from collections.abc import Iterator
 
@@ -23,8 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from retina_io.augment import local_contrast
 from retina_io.dataset import DatasetError
-from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed, rank_range
+from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, buffer_shuffle, epoch_seed, rank_range
 from retina_io.schema import decode_labels, parse_key
 from retina_io.tario import MemberError, split_member
 
@@ -65,16 +65,6 @@ def build_transform(cfg: LoaderConfig):
     return T.Compose(steps)
 
 
-def local_contrast(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Graham's local contrast normalisation on a [0, 1] float image: clip(4 * (x - blur(x)) + 0.5, 0, 1).
-
-    The kernel is DALI's ``gaussian_blur`` default (2 * ceil(3 sigma) + 1 taps, mirrored borders)."""
-    from torchvision.transforms.v2 import functional as TF
-
-    k = 2 * math.ceil(3 * sigma) + 1
-    return (4.0 * (x - TF.gaussian_blur(x, [k, k], [sigma, sigma])) + 0.5).clamp_(0.0, 1.0)
-
-
 class _EpochStream(IterableDataset):
     def __init__(self, cfg: LoaderConfig, shards: list, total: int, steps: int, epoch: int, start_step: int):
         self.cfg, self.shards, self.total, self.steps = cfg, shards, total, steps
@@ -109,7 +99,7 @@ class _EpochStream(IterableDataset):
         cfg = self.cfg
         items = self._part()
         if cfg.mode == "train":
-            items = _buffer_shuffle(items, cfg.shuffle_buffer, np.random.default_rng(epoch_seed(cfg.seed, self.epoch)))
+            items = buffer_shuffle(items, cfg.shuffle_buffer, np.random.default_rng(epoch_seed(cfg.seed, self.epoch)))
         last, count = None, 0
         for item in items:
             yield item
@@ -190,17 +180,6 @@ def _fields(sample: dict, hint: str) -> tuple[int, bytes, np.ndarray]:
         raise DatasetError(f"shard {sample['__url__']}: {exc}; {hint}") from None
 
 
-def _buffer_shuffle(items: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
-    """A shuffle buffer like DALI's reader: fill ``buffer`` items, then emit a random one for each new item."""
-    buf: list = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= buffer:
-            yield buf.pop(int(rng.integers(len(buf))))
-    while buf:
-        yield buf.pop(int(rng.integers(len(buf))))
-
-
 class WdsLoader(EpochPlan):
     """See :mod:`retina_io.loader`."""
 
@@ -208,7 +187,7 @@ class WdsLoader(EpochPlan):
         cfg = self.cfg
         shards = self.epoch_shards(epoch, start_step)
         stream = _EpochStream(cfg, shards, self.total, self.steps_per_epoch, epoch, start_step)
-        workers = max(0, cfg.num_threads)
+        workers = max(0, cfg.threads)
         loader = DataLoader(stream, batch_size=None, num_workers=workers,
                             prefetch_factor=cfg.prefetch_queue_depth if workers else None,
                             pin_memory=self.device.type == "cuda")  # fmt: skip

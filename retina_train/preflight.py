@@ -70,7 +70,7 @@ RULES: dict[str, tuple] = {
     "data.batch_size": AT_LEAST_1,
     "data.image_size": (lambda x: x == 0 or x >= MIN_IMAGE_SIZE, f"0 (the backbone's) or >= {MIN_IMAGE_SIZE} pixels"),
     "data.grad_accum": AT_LEAST_1,
-    "data.num_threads": AT_LEAST_1,
+    "data.num_threads": (lambda x: x is None or AT_LEAST_1[0](x), "null (the cores per local rank) or >= 1"),
     "data.prefetch_queue_depth": AT_LEAST_1,
     "data.shuffle_buffer": AT_LEAST_1,
     "data.local_contrast": _range(0, 0.5),

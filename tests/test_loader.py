@@ -293,3 +293,130 @@ def test_batch_preview_of_a_run_uses_its_loader_settings(packed, tmp_path, capsy
         assert np.abs(drawn.astype(int) - want.astype(int)).max() <= 1, mode
     assert shard_main(["preview", str(packed), "--run", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_dali_pipeline_built_once_epochs_reshuffle_deterministically(packed, monkeypatch):
+    """One pipeline for 3 epochs; each epoch a different order of every sample, the fallback's order for that
+    (seed, epoch), and the same batches whatever ran before (a fresh loader, an epoch left early)."""
+    import retina_io.dali_loader as dl
+
+    builds = []
+    real = dl.build_pipeline
+    monkeypatch.setattr(dl, "build_pipeline", lambda *a, **k: builds.append(1) or real(*a, **k))
+    cfg = dict(mode="train", shuffle_buffer=16, seed=3)
+    loader = build_loader(_cfg(packed, "dali", **cfg))
+    epochs = [_epoch(loader, e) for e in range(3)]
+    assert len(builds) == 1, "the pipeline is built once per loader"
+    orders = [[k for k in keys if k >= 0] for keys, *_ in epochs]
+    assert all(sorted(o) == sorted(orders[0]) and len(set(o)) == 83 for o in orders)
+    assert len({tuple(o) for o in orders}) == 3, "every epoch reshuffles"
+    wds = build_loader(_cfg(packed, "wds", **cfg))
+    for e in range(3):
+        assert _epoch(wds, e)[0] == epochs[e][0], "the fallback's order"
+    fresh = build_loader(_cfg(packed, "dali", **cfg))
+    next(iter(fresh.iter_epoch(0)))  # an epoch left after one batch
+    keys, labels, images, _ = _epoch(fresh, 2)
+    assert keys == epochs[2][0] and np.array_equal(labels, epochs[2][1])
+    assert np.array_equal(images, epochs[2][2]), "augmentation depends on (seed, epoch, step) only"
+    assert _epoch(loader, 1)[0] == epochs[1][0]
+
+
+def _old_dali_train_images(encoded: list, cfg: LoaderConfig, batches: int) -> np.ndarray:
+    """The train pipeline as it was before it was built once (decode random crop, resize, rotate, vflip,
+    color_twist, normalise with hflip), on ``encoded`` cycled: the reference augmentation distribution."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    aug, size, n = cfg.augment, cfg.image_size, cfg.batch_size
+
+    def u(lo, hi):
+        return fn.random.uniform(range=[lo, hi])
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=7)
+    def pipe():
+        images = fn.decoders.image_random_crop(
+            fn.external_source(source=lambda i: [encoded[(i.iteration * n + j) % len(encoded)] for j in range(n)],
+                               batch=True, batch_info=True),
+            output_type=types.RGB, random_area=list(aug.random_area), random_aspect_ratio=list(aug.random_aspect_ratio),
+        )  # fmt: skip
+        images = fn.resize(images, size=[size, size])
+        images = fn.rotate(images, angle=u(-aug.rotate_degrees, aug.rotate_degrees), keep_size=True, fill_value=0)
+        images = fn.color_twist(images, brightness=u(1 - aug.brightness, 1 + aug.brightness),
+                                contrast=u(1 - aug.contrast, 1 + aug.contrast),
+                                saturation=u(1 - aug.saturation, 1 + aug.saturation),
+                                hue=u(-aug.hue_degrees, aug.hue_degrees))  # fmt: skip
+        return fn.crop_mirror_normalize(images, mean=[0.0] * 3, std=[255.0] * 3, output_layout="CHW",
+                                        mirror=fn.random.coin_flip(probability=aug.hflip))  # fmt: skip
+
+    p = pipe()
+    p.build()
+    return np.concatenate([p.run()[0].as_array() for _ in range(batches)])
+
+
+def test_dali_augmentation_distribution_matches_the_former_pipeline(square):
+    """Brightness and contrast of augmented images (default AugmentConfig) match the former per-image DALI operators
+    statistically; flips occur with their probability."""
+    from dataclasses import replace
+
+    from retina_io.dataset import PackedDataset
+    from retina_io.loader import AugmentConfig
+
+    cfg = _cfg(square, "dali", folds=(0, 1), mode="train", batch_size=12, mean=(0.0,) * 3, std=(1.0,) * 3)
+    loader = build_loader(cfg)
+    new = np.concatenate([_epoch(loader, e)[2] for e in range(40)])  # 480 augmented images, [0, 1]
+    tars = PackedDataset.open(square).shards((0, 1))
+    import webdataset as wds
+
+    encoded = [np.frombuffer(s["jpg"], np.uint8) for t in tars for s in wds.WebDataset(str(t.tar), shardshuffle=False)]
+    old = _old_dali_train_images(encoded, cfg, 40)
+    for stat in (lambda x: x.mean(axis=(1, 2, 3)), lambda x: x.std(axis=(1, 2, 3))):
+        a, b = stat(new), stat(old)
+        assert abs(a.mean() - b.mean()) < 0.1 * b.std() + 0.01, (a.mean(), b.mean())
+        assert 0.8 < a.std() / b.std() < 1.25, (a.std(), b.std())
+    off = AugmentConfig(random_area=(1.0, 1.0), random_aspect_ratio=(1.0, 1.0), hflip=0.5, vflip=0.5,
+                        rotate_degrees=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue_degrees=0.0)  # fmt: skip
+    plain = _by_key(build_loader(replace(cfg, mode="eval")))
+    flips = build_loader(replace(cfg, augment=off))
+    h = v = total = 0
+    for e in range(20):
+        keys, _, images, _ = _epoch(flips, e)
+        for k, x in zip(keys, images, strict=True):
+            p = plain[k]  # C x H x W
+            h_ = any(np.abs(x - f).max() < 1e-5 for f in (p[:, :, ::-1], p[:, ::-1, ::-1]))
+            v_ = any(np.abs(x - f).max() < 1e-5 for f in (p[:, ::-1, :], p[:, ::-1, ::-1]))
+            assert h_ or v_ or np.abs(x - plain[k]).max() < 1e-5
+            h, v, total = h + h_, v + v_, total + 1
+    assert 0.4 < h / total < 0.6 and 0.4 < v / total < 0.6, (h, v, total)
+
+
+def test_threads_default_from_cores_per_local_rank(monkeypatch, packed):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    assert _cfg(packed, "dali", num_threads=None).threads == cores
+    assert _cfg(packed, "dali", num_threads=3).threads == 3
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", f"{cores * 2}(x2)")
+    assert _cfg(packed, "dali", num_threads=None).threads == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert _cfg(packed, "dali", num_threads=None).threads == cores
+
+
+def test_dont_use_mmap_reads_the_same_batches(packed):
+    a = _epoch(build_loader(_cfg(packed, "dali", mode="train", folds=(0,))), 1)
+    b = _epoch(build_loader(_cfg(packed, "dali", mode="train", folds=(0,), dont_use_mmap=True)), 1)
+    assert a[0] == b[0] and np.array_equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("rotate", [15.0, 0.0])
+def test_dali_gpu_graph_constructs(packed, mode, rotate):
+    """The ``mixed`` pipeline's graph (the same code as the CPU one, decode device as a parameter) is defined without
+    a GPU; building it needs CUDA, so running it is left to a GPU machine (``retina-bench loader``)."""
+    from retina_io.dali_loader import build_pipeline
+    from retina_io.loader import AugmentConfig
+
+    cfg = _cfg(packed, "dali", mode=mode, device="cuda", decode_device="mixed", local_contrast=0.05,
+               augment=AugmentConfig(rotate_degrees=rotate))  # fmt: skip
+    pipe = build_pipeline(cfg, lambda: None)
+    assert pipe.device_id == 0
+    assert [node.device for node in pipe._graph_out] == ["gpu"]
