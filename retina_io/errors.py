@@ -18,3 +18,16 @@ class RetinaError(Exception):
     def one_line(self) -> str:
         """The message on one line (a multi-line message would read as several errors in a log)."""
         return " ".join(str(self).split()) or type(self).__name__
+
+
+def check_rules(rules: list[tuple[bool, str]], error: type[RetinaError] = RetinaError) -> None:
+    """Raise ``error`` with the message of the first ``(holds, message)`` rule that does not hold: how a stage refuses
+    an option out of its range before it writes anything."""
+    for holds, message in rules:
+        if not holds:
+            raise error(message)
+
+
+def at_least(flag: str, value, minimum) -> tuple[bool, str]:
+    """The rule "option ``flag`` is unset (None) or at least ``minimum``" (NaN fails)."""
+    return value is None or value >= minimum, f"{flag} must be >= {minimum}; got {value}"

@@ -55,3 +55,20 @@ def folder_problem(path: Path) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable"
     return None
+
+
+def require_out_folder(path: Path, error: type[Exception], flag: str = "--out") -> None:
+    """Raise ``error`` (one line naming ``flag`` and ``path``) when ``path`` cannot be an output folder
+    (:func:`folder_problem`); commands call it before they compute or write anything."""
+    problem = folder_problem(path)
+    if problem:
+        raise error(f"{flag} {path}: {problem}")
+
+
+def require_out_file(path: Path, error: type[Exception], flag: str = "--out") -> None:
+    """Raise ``error`` when ``path`` cannot be an output file: it is a folder, or its folder cannot be one."""
+    if Path(path).is_dir():
+        raise error(f"{flag} {path} is a folder; name the file to write")
+    problem = folder_problem(Path(path).parent)
+    if problem:
+        raise error(f"{flag} {path}: {problem}")

@@ -274,8 +274,7 @@ def export_bundle(cfg: ExportConfig) -> Bundle:
         raise BundleError(f"the training dataset {data} cannot be opened ({exc}); pass --data shards/NAME (only its "
                           "manifest.json is read: classes labelled, folds, pack options)") from exc  # fmt: skip
     for run in runs:
-        have = {int(p.parent.name.removeprefix("fold")) for p in run.weights}
-        missing = [f"{cfg.runs}/{run.name}/fold{k}/best.safetensors" for k in range(ds.k) if k not in have]
+        missing = [str(m) for m in run.check_folds(ds.k)]
         if missing:
             raise BundleError(f"{missing} missing: {data} has {ds.k} folds and a bundle holds every fold model "
                               "(no partial ensembles); finish training those folds")  # fmt: skip

@@ -5,7 +5,13 @@ k fold models), the saved meta-learner turns the ``MODEL__CLASS`` table into 11 
 scored against the dataset's own labels through its preset's mapping — only on the classes the dataset labels
 (``classes_present``: RFMiD several, AIROGS only GC, the DR sets only DR), with bootstrap CIs — for each backbone,
 the plain mean of the backbones, and the meta-learner. Outputs: ``predictions.parquet``, ``scores.parquet``,
-``report.md`` with ROC and calibration plots.
+``report.md`` with ROC and calibration plots, ``summary.json``.
+
+No silent partial ensemble (issue 11): every fold model of every backbone must be there (k as training recorded it,
+:func:`retina_train.inference.open_backbones`), else the evaluation is refused naming each missing file; with
+``allow_partial`` (``--allow-partial``) it goes on with the fold models present and says so in the log, in
+``summary.json`` (``partial``, ``fold_models``) and at the top of ``report.md``. Options and ``--out`` are checked
+before anything is computed or written.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from retina_io.cli import console_main, setup_logging
+from retina_io.cli import config_from_args, console_main, setup_logging
 from retina_io.dataset import PackedDataset
-from retina_io.errors import RetinaError
-from retina_train.inference import predict_runs
+from retina_io.errors import RetinaError, at_least, check_rules
+from retina_io.fsutil import require_out_folder
+from retina_train.inference import open_backbones, predict_runs
 from retina_train.stack import metrics
 from retina_train.stack.rows import MEAN_ROW, META_ROW
 
@@ -45,6 +52,7 @@ class EvalConfig:
     bootstrap: int = 1000
     seed: int = 0
     num_threads: int = 2
+    allow_partial: bool = False  # go on when fold models are missing, and report the ensemble as partial
 
 
 @dataclass
@@ -54,6 +62,7 @@ class EvalResult:
     scores: pl.DataFrame
     predictions: pl.DataFrame
     seconds: float
+    partial: bool = False  # some fold models were missing (allowed by allow_partial)
 
     def macro(self, model: str = META_ROW, metric: str = "auc") -> float:
         row = self.scores.filter(
@@ -62,11 +71,20 @@ class EvalResult:
         return float(row["value"].item())
 
 
+def check_eval_config(cfg: EvalConfig) -> None:
+    """Every option in its range and ``--out`` usable as a folder (an EvalError naming the first that is not)."""
+    check_rules([at_least("--batch-size", cfg.batch_size, 1), at_least("--bootstrap", cfg.bootstrap, 0),
+                 at_least("--seed", cfg.seed, 0), at_least("num_threads", cfg.num_threads, 1)], EvalError)  # fmt: skip
+    require_out_folder(Path(cfg.out), EvalError)
+
+
 def evaluate_external(cfg: EvalConfig) -> EvalResult:
     from retina_train.stack import StackError, load_meta_learner
 
     t0 = time.perf_counter()
+    check_eval_config(cfg)
     ds = PackedDataset.open(cfg.data)
+    backbones = open_backbones(Path(cfg.runs), cfg.device, allow_partial=cfg.allow_partial)
     stack_dir = Path(cfg.stack) if cfg.stack else Path(cfg.runs) / "stack"
     try:
         meta = load_meta_learner(stack_dir)
@@ -86,7 +104,7 @@ def evaluate_external(cfg: EvalConfig) -> EvalResult:
     if not scorable:
         raise EvalError(f"{cfg.data}: every shared class ({classes}) has only positives or only negatives")
 
-    features = predict_runs(Path(cfg.runs), Path(cfg.data), device=cfg.device, batch_size=cfg.batch_size,
+    features = predict_runs(backbones, Path(cfg.data), device=cfg.device, batch_size=cfg.batch_size,
                             backend=cfg.backend, num_threads=cfg.num_threads)  # fmt: skip
     try:
         meta_probs = meta.predict_proba(features)
@@ -119,16 +137,38 @@ def evaluate_external(cfg: EvalConfig) -> EvalResult:
     rows[META_ROW] = metrics.Scored(mp, mp >= thresholds, kind="meta")
     scores = metrics.score_table(y, rows, scorable, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
     scores.write_parquet(out / "scores.parquet")
-    _write_report(cfg, out, ds, scorable, skipped, y, {k: v.probs for k, v in rows.items()}, scores, stack_dir)
-    result = EvalResult(out, scorable, scores, predictions, time.perf_counter() - t0)
+    folds = fold_model_record(backbones)
+    _write_report(cfg, out, ds, scorable, skipped, y, {k: v.probs for k, v in rows.items()}, scores, stack_dir, folds)
+    partial = any(f["missing"] for f in folds.values())
+    result = EvalResult(out, scorable, scores, predictions, time.perf_counter() - t0, partial)
     (out / "summary.json").write_text(json.dumps({
         "data": str(cfg.data), "preset": ds.manifest["preset"], "classes": scorable, "samples": int(keep.sum()),
         "macro_auc": {r: result.macro(r) for r in rows}, "seconds": round(result.seconds, 1),
+        "partial": partial, "fold_models": folds,
     }, indent=1))  # fmt: skip
     return result
 
 
-def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir) -> None:
+def fold_model_record(backbones) -> dict[str, dict]:
+    """Per backbone: the fold model files used and those missing (empty unless ``--allow-partial`` let them be)."""
+    return {b.name: {"used": [str(w) for w in b.weights], "missing": [str(m) for m in b.missing]} for b in backbones}
+
+
+def _fold_lines(folds: dict[str, dict]) -> list[str]:
+    """The report's sentence on the fold models: all of them, or a warning naming what a partial ensemble lacks."""
+    if not any(f["missing"] for f in folds.values()):
+        return ["Each backbone's probability is the mean of all its fold models; the meta-learner is applied to all "
+                "of them."]  # fmt: skip
+    lines = ["**Partial ensemble (`--allow-partial`): these scores are not those of the trained ensemble.** "
+             "Each backbone's probability is the mean of the fold models present:", ""]  # fmt: skip
+    for name, f in folds.items():
+        n, k = len(f["used"]), len(f["used"]) + len(f["missing"])
+        lines.append(f"- {name}: {n} of {k} fold models" + (f"; missing {', '.join(f'`{m}`' for m in f['missing'])}"
+                                                             if f["missing"] else ""))  # fmt: skip
+    return lines
+
+
+def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir, folds) -> None:
     from retina_train.stack.report import plot_calibration, plot_roc, scores_markdown
 
     plot_roc(out / "roc.png", y, probs, classes, bold=META_ROW, dashed=MEAN_ROW)
@@ -139,7 +179,7 @@ def _write_report(cfg, out, ds, classes, skipped, y, probs, scores, stack_dir) -
         f"Run `{cfg.runs}`, meta-learner `{stack_dir}`. {len(y)} samples; scored classes (the dataset's labels mapped "
         f"onto the 11 through its preset): {', '.join(classes)}."
         + (f" Not scored (one label value only): {', '.join(skipped)}." if skipped else ""),
-        "Each backbone's probability is the mean of its fold models; the meta-learner is applied to all of them.",
+        *_fold_lines(folds),
         "",
         scores_markdown(scores, classes, meta_row=META_ROW),
         "![ROC per class](roc.png)",
@@ -174,27 +214,23 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-partial", action="store_true", help="evaluate although fold models are missing (refused "
+                   "by default); the output and report then say which were used and which are missing")  # fmt: skip
     args = p.parse_args(argv)
     setup_logging()
     from retina_train.distributed import resolve_device
 
-    device = resolve_device(args.device)
-    cfg = EvalConfig(
-        runs=args.runs,
-        data=args.data,
-        out=args.out,
-        stack=args.stack,
-        device=device,
-        backend=args.backend,
-        batch_size=args.batch_size,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-    )
+    cfg = config_from_args(EvalConfig, args, device=resolve_device(args.device))
     result = evaluate_external(cfg)
     print((result.out / "report.md").read_text().split("### AUC per class")[0])
     print(
         json.dumps(
-            {"external_macro_auc": result.macro(), "classes": result.classes, "report": str(result.out / "report.md")}
+            {
+                "external_macro_auc": result.macro(),
+                "classes": result.classes,
+                "report": str(result.out / "report.md"),
+                "partial": result.partial,
+            }
         )
     )
     return 0

@@ -43,6 +43,8 @@ def _fake_training(runs: Path, data: Path) -> None:
                                                num_threads=1))  # fmt: skip
             keys, probs, _ = predict(model, loader, device=torch.device("cpu"))
             write_oof(model_dir / f"fold{k}" / "oof-rank0.parquet", keys, probs, fold=k)
+            if b == 0:  # training records the dataset's k in done.json; the other backbone falls back to the dataset
+                (model_dir / f"fold{k}" / "done.json").write_text(json.dumps({"fold": k, "k": ds.k}))
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,52 @@ def test_dataset_sharing_no_class(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(stack, "load_meta_learner", only_amd)
     with pytest.raises(EvalError, match="share no class"):
         evaluate_external(EvalConfig(runs=trained / "runs", data=trained / "shards" / "aptos", out=tmp_path / "o"))
+
+
+def _without_fold_model(trained: Path, tmp_path: Path, backbone: str, fold: int) -> Path:
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained / "runs", runs, ignore=shutil.ignore_patterns("eval"))
+    (runs / backbone / f"fold{fold}" / "best.safetensors").unlink()
+    return runs
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)  # k from done.json (tiny_resnet) / from the dataset (tiny_vit)
+def test_missing_fold_model_is_refused_naming_it(trained, tmp_path, capsys, backbone):
+    """Issue 11, point 8: one fold model missing used to give exit 0, another AUC and a report saying "the mean of its
+    fold models". Now: exit 2, one line naming the file, nothing written."""
+    runs = _without_fold_model(trained, tmp_path, backbone, 2)
+    out = tmp_path / "eval"
+    argv = ["--runs", str(runs), "--data", str(trained / "shards" / "aptos"), "--out", str(out), "--device", "cpu",
+            "--bootstrap", "0"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("retina-eval: error: fold model(s) missing: "), err
+    assert str(runs / backbone / "fold2" / "best.safetensors") in err and "--allow-partial" in err
+    assert not out.exists()
+
+
+def test_allow_partial_says_so(trained, tmp_path, capsys, caplog):
+    runs = _without_fold_model(trained, tmp_path, "tiny_vit", 1)
+    out = tmp_path / "eval"
+    argv = ["--runs", str(runs), "--data", str(trained / "shards" / "aptos"), "--out", str(out), "--device", "cpu",
+            "--bootstrap", "0", "--allow-partial"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["partial"] is True
+    assert "partial ensemble: tiny_vit uses 2 of its 3 fold models" in caplog.text
+    missing = str(runs / "tiny_vit" / "fold1" / "best.safetensors")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partial"] is True
+    assert summary["fold_models"]["tiny_vit"]["missing"] == [missing]
+    assert (
+        len(summary["fold_models"]["tiny_vit"]["used"]) == 2 and summary["fold_models"]["tiny_resnet"]["missing"] == []
+    )
+    report = (out / "report.md").read_text()
+    assert "Partial ensemble" in report and "tiny_vit: 2 of 3 fold models" in report and missing in report
+    assert "mean of all its fold models" not in report
+    # the whole ensemble says so too
+    whole = evaluate_external(EvalConfig(runs=trained / "runs", data=trained / "shards" / "aptos",
+                                         out=tmp_path / "whole", bootstrap=0))  # fmt: skip
+    assert whole.partial is False and json.loads((tmp_path / "whole" / "summary.json").read_text())["partial"] is False
+    assert "mean of all its fold models" in (tmp_path / "whole" / "report.md").read_text()
