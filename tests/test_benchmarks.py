@@ -56,7 +56,7 @@ def test_bench_predict_quick_json_matches_table(tmp_path, capsys, monkeypatch):
     doc = json.loads(lines[-1])
     assert doc["benchmark"] == "predict" and doc["goal"] == 3.0
     assert doc["images"] == 6 and doc["fold_models"] == 4 and doc["workers"] == 1
-    table = [line for line in lines[:-1] if line.startswith("| ") and not line.startswith("| run ")]
+    table = [line for line in lines[:-1] if line.startswith("| ") and not line.startswith(("| run ", "| ---"))]
     assert len(table) == len(doc["rows"]) == 3
     for line, row in zip(table, doc["rows"], strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
