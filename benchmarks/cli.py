@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "loader": ("benchmarks.bench_loader", "DALI pipeline vs. torchvision ImageFolder + PIL (and the fallback)"),
     "train": ("benchmarks.bench_train", "per backbone: fed by DALI vs. batch on device; DeepSpeed vs. plain loop"),
     "stack": ("benchmarks.bench_stack", "OOF table: polars vs pandas concat+pivot; meta-learner native vs MultiOutput"),
+    "predict": ("benchmarks.bench_predict", "retina-predict on a folder of photographs vs. a plain timm loop, batch 1"),
     "all": ("benchmarks.bench_all", "every benchmark; writes bench-out/all.json and bench-out/all.md"),
     "device": ("benchmarks.bench_device", "everything a GPU must show in <= 8 min; --dry-run: on the CPU, tiny"),
 }

@@ -21,7 +21,7 @@ from retina_io.loader import LoaderSettings
 CONFIG_DIR = Path(__file__).parent / "configs"
 # Fields that may change between a run and its resumption without changing what is computed.
 VOLATILE = {"train.folds", "train.resume", "train.log_interval", "data.num_threads", "data.prefetch_queue_depth",
-            "train.checkpoint_every", "train.overlap_comm", "out"}  # fmt: skip
+            "train.checkpoint_every", "train.overlap_comm", "data.eval_batch_size", "out"}  # fmt: skip
 # Keys renamed since runs were first written: old name -> new (dotted); an old config.json still reads and resumes.
 RENAMED = {"data.data": "data.dataset"}
 
@@ -44,6 +44,9 @@ class DataConfig(LoaderSettings):
     dataset: str = ""  # packed dataset folder (shard format v1); `--data`. Written as `data.data` before.
     image_size: int = 0  # 0: the backbone's input size
     batch_size: int = 32  # micro batch per rank
+    # validation, OOF and ensemble inference (retina-eval, retina-predict) batch per rank; 0: 4x batch_size up to
+    # 256, never under 2x (inference keeps no activations for a backward pass)
+    eval_batch_size: int = 0
     grad_accum: int = 1
     backend: str = field(default="dali", metadata={"choices": ("dali", "wds")})
     channels_last: bool = True  # CNNs on a GPU

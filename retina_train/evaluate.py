@@ -1,6 +1,7 @@
 """``retina-eval``: zero-shot evaluation of a trained run on an external packed dataset.
 
-Every fold model of every backbone predicts every sample (:mod:`retina_train.inference`; per backbone the mean of its
+Every fold model of every backbone predicts every sample (:func:`retina_train.inference.predict_runs`: each batch
+decoded once per preprocessing group and predicted by every fold model of the group; per backbone the mean of its
 k fold models), the saved meta-learner turns the ``MODEL__CLASS`` table into 11 probabilities, and the result is
 scored against the dataset's own labels through its preset's mapping — only on the classes the dataset labels
 (``classes_present``: RFMiD several, AIROGS only GC, the DR sets only DR), with bootstrap CIs — for each backbone,
@@ -48,7 +49,7 @@ class EvalConfig:
     stack: Path | None = None  # default: runs/stack
     device: str = "cpu"
     backend: str = "dali"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: each preprocessing group's data.eval_batch_size (the smallest)
     bootstrap: int = 1000
     seed: int = 0
     num_threads: int = 2
@@ -211,7 +212,8 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--stack", type=Path, default=None, help="the retina-stack output (default: RUNS/stack)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", default="dali", choices=("dali", "wds"))
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: the backbones' data.eval_batch_size)")  # fmt: skip
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-partial", action="store_true", help="evaluate although fold models are missing (refused "

@@ -1,7 +1,7 @@
 """``retina-predict``: a trained ensemble (a ``retina-export`` bundle) over new photographs or a packed dataset.
 
     retina-predict --bundle NAME.retina (--images DIR | --data shards/NAME) --out OUT
-                   [--tta] [--cam] [--device auto|cpu|cuda] [--batch-size 32] [--workers 2]
+                   [--tta] [--cam] [--device auto|cpu|cuda] [--batch-size N] [--workers 2]
 
 - ``--images DIR``: every file under DIR, in any format the packer accepts, with the packer's checks and conversions
   (:mod:`retina_io.photos`); a file the packer would reject is listed in ``OUT/rejects.parquet``/``.csv`` with its
@@ -10,10 +10,13 @@
 - Preprocessing is the training loader's: each backbone's eval-mode :class:`~retina_io.loader.LoaderConfig` is built
   by :func:`retina_train.settings.loader_config` with the size, mean/std, local contrast and eval crop the bundle
   recorded. An image is decoded once; backbones with the same preprocessing share one transformed batch, and every
-  fold model of every backbone predicts it (all fold models are held in memory).
-- A backbone's probability is the mean over its fold models (a float64 sum divided by their count, as
-  :func:`retina_train.inference.fold_mean`); ``--tta`` first averages each fold model over the image and its mirror
-  images (horizontal flip; vertical flip too for a backbone that trained with vertical flips).
+  fold model of every backbone predicts it (all fold models are held in memory; ``--data``: one loader pass per
+  preprocessing group). Inference is :class:`retina_train.inference.Ensemble`'s, as ``retina-eval``'s:
+  ``inference_mode``, autocast to the training precision on a GPU, channels-last CNNs on a GPU, batches of the
+  backbones' ``data.eval_batch_size`` unless ``--batch-size`` says otherwise.
+- A backbone's probability is the mean over its fold models (a float64 sum divided by their count); ``--tta``
+  first averages each fold model over the image and its mirror images (horizontal flip; vertical flip too for a
+  backbone that trained with vertical flips).
 - Outputs: ``OUT/predictions.parquet`` and ``.csv``: ``id`` and ``path`` (``--data``: also ``key``); per class
   ``CLASS`` (the meta-learner's probability) and ``CLASS_positive`` (0/1 at the bundle's threshold, chosen on the
   meta-OOF); ``MODEL__CLASS`` (each backbone's probability); ``rejects.*``; ``summary.json``. ``--cam``: Grad-CAM
@@ -33,14 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
 from retina_io.cli import config_from_args, console_main, setup_logging
 from retina_io.errors import RetinaError
 from retina_io.fsutil import atomic_path
-from retina_io.loader import LoaderConfig
-from retina_io.schema import CLASSES, feature_name, format_keys
+from retina_io.schema import format_keys
+from retina_train import inference
 from retina_train.bundle import Bundle
 
 log = logging.getLogger(__name__)
@@ -63,77 +65,25 @@ class PredictConfig:
     tta: bool = False
     cam: bool = False
     device: str = "cpu"
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the backbones' smallest data.eval_batch_size
     workers: int = 2  # processes preparing photographs (--images) / loader threads (--data)
     backend: str | None = None  # loader backend for --data ("dali", "wds"); None: the one the backbones trained with
     progress: bool = True
 
 
 @dataclass
-class Member:
-    """One backbone of the ensemble on a device: its fold models, the views it averages, its preprocessing group."""
+class Ensemble(inference.Ensemble):
+    """A bundle's fold models on a device, grouped by preprocessing (:class:`retina_train.inference.Ensemble`: each
+    batch is decoded once per group and every fold model of every backbone of the group predicts it)."""
 
-    name: str
-    run: object  # retina_train.inference.BackboneRun
-    models: list[torch.nn.Module]
-    flips: list[tuple[int, ...]]  # dims to flip per view; () = the image itself
-    group: int = 0
-
-
-@dataclass
-class Ensemble:
-    """A bundle's fold models on ``device``, grouped by preprocessing."""
-
-    bundle: Bundle
-    device: str
-    members: list[Member]
-    configs: list[LoaderConfig]  # one eval-mode loader config per preprocessing group (data: a placeholder)
-    groups: list[list[int]] = field(default_factory=list)  # group -> member positions
+    bundle: Bundle | None = None
 
     @classmethod
     def load(cls, bundle: Bundle, device: str = "cpu", *, tta: bool = False) -> Ensemble:
-        members, configs, keys = [], [], []
-        for b in bundle.backbones:
-            run = b.run(device)
-            models = [run.load(w).eval() for w in run.weights]
-            flips = [()]
-            if tta:
-                flips.append((-1,))  # every training config mirrors horizontally (augment.hflip)
-                if run.cfg.data.augment.vflip > 0:
-                    flips.append((-2,))
-            # the placeholder data path is never read: these configs only describe the eval transform
-            lcfg = run.loader_config(models[0], data=Path("."), folds=[0], mode="eval", **b.loader_fields())
-            key = (lcfg.image_size, lcfg.mean, lcfg.std, lcfg.local_contrast, lcfg.eval_crop, lcfg.layout)
-            if key not in keys:
-                keys.append(key)
-                configs.append(lcfg)
-            members.append(Member(b.name, run, models, flips, keys.index(key)))
-        groups = [[i for i, m in enumerate(members) if m.group == g] for g in range(len(configs))]
-        return cls(bundle, device, members, configs, groups)
-
-    @torch.no_grad()
-    def predict_group(self, g: int, images: torch.Tensor) -> np.ndarray:
-        """``(n, members of group g, classes)``: each member's mean over fold models (and views) of ``images``."""
-        x = images.to(self.device, non_blocking=True)
-        out = []
-        for i in self.groups[g]:
-            m = self.members[i]
-            total = None
-            for model in m.models:
-                views = [torch.sigmoid(model(x.flip(d) if d else x).float()).cpu().numpy() for d in m.flips]
-                p = views[0] if len(views) == 1 else np.mean(np.stack(views).astype(np.float64), axis=0)
-                total = p.astype(np.float64) if total is None else total + p
-            out.append((total / len(m.models)).astype(np.float32))
-        return np.stack(out, axis=1)
-
-    def features(self, per_group: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """``MODEL__CLASS`` columns (members in bundle order) from each group's ``(n, members, classes)`` array."""
-        cols = {}
-        for g, probs in enumerate(per_group):
-            for j, i in enumerate(self.groups[g]):
-                for c, cls_name in enumerate(CLASSES):
-                    cols[feature_name(self.members[i].name, cls_name)] = probs[:, j, c]
-        return {name: cols[name] for m in self.members for name in (feature_name(m.name, c) for c in CLASSES)}
+        """Every fold model of ``bundle`` on ``device``, with the preprocessing the bundle recorded."""
+        runs = [b.run(device) for b in bundle.backbones]
+        ens = inference.Ensemble.from_runs(runs, tta=tta, loader_fields=[b.loader_fields() for b in bundle.backbones])
+        return cls(ens.device, ens.members, ens.configs, ens.groups, bundle)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -150,7 +100,7 @@ def _predict_images(ens: Ensemble, cfg: PredictConfig) -> tuple[pl.DataFrame, di
     pack = ens.bundle.pack_options
     options = PhotoOptions(resize=pack.get("resize"), quality=int(pack.get("quality") or 95))
     dataset = PhotoDataset(root, photos, ens.configs, options)
-    loader = photo_loader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    loader = photo_loader(dataset, batch_size=cfg.batch_size or ens.eval_batch_size(), num_workers=cfg.workers)
     index, rejects, parts = [], [], [[] for _ in ens.configs]
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not cfg.progress):
         rejects += [{"id": photos[i].relpath, "path": str(root / photos[i].relpath), "reason": r, "detail": d}
@@ -169,36 +119,13 @@ def _predict_images(ens: Ensemble, cfg: PredictConfig) -> tuple[pl.DataFrame, di
 
 
 def _predict_data(ens: Ensemble, cfg: PredictConfig) -> tuple[pl.DataFrame, dict, list[dict], None]:
-    """(key/id/path frame, features, no rejects) for ``--data``: each group's batches from the loader."""
+    """(key/id/path frame, features, no rejects) for ``--data``: one loader pass per preprocessing group."""
     from retina_io.dataset import PackedDataset
-    from retina_io.loader import build_loader
 
-    ds = PackedDataset.open(cfg.data)
-    index = ds.index().select("key", "id", "path").sort("key")
-    per_group, keys_ref = [], None
-    for g, base in enumerate(ens.configs):
-        member = ens.members[ens.groups[g][0]]
-        backend = {"backend": cfg.backend} if cfg.backend else {}
-        lcfg = member.run.loader_config(member.models[0], data=Path(cfg.data), folds=range(ds.k), mode="eval",
-                                        batch_size=cfg.batch_size, num_threads=cfg.workers, **backend,
-                                        image_size=base.image_size, mean=base.mean, std=base.std,
-                                        local_contrast=base.local_contrast, eval_crop=base.eval_crop)  # fmt: skip
-        loader = build_loader(lcfg)
-        keys, probs = [], []
-        bar = tqdm(loader.iter_epoch(0), total=loader.steps_per_epoch, desc=f"predict (group {g + 1})",
-                   unit="batch", disable=not cfg.progress)  # fmt: skip
-        for batch in bar:
-            keep = batch.keys >= 0
-            keys.append(batch.keys[keep].cpu().numpy())
-            probs.append(ens.predict_group(g, batch.images[keep]))
-        k, p = np.concatenate(keys), np.concatenate(probs)
-        order = np.argsort(k)
-        k, p = k[order], p[order]
-        if keys_ref is not None and not np.array_equal(k, keys_ref):
-            raise PredictError(f"{cfg.data}: the loader delivered other samples for another preprocessing group")
-        keys_ref = k
-        per_group.append(p)
-    frame = pl.DataFrame({"key": format_keys(keys_ref)}).join(index, on="key", how="left", maintain_order="left")
+    index = PackedDataset.open(cfg.data).index().select("key", "id", "path").sort("key")
+    keys, per_group = ens.predict_data(Path(cfg.data), batch_size=cfg.batch_size, backend=cfg.backend,
+                                       num_threads=cfg.workers, progress=cfg.progress)  # fmt: skip
+    frame = pl.DataFrame({"key": format_keys(keys)}).join(index, on="key", how="left", maintain_order="left")
     if frame.height != index.height or frame["id"].null_count():
         raise PredictError(f"predictions cover {frame.height} samples, {cfg.data} has {index.height}; "
                            f"run `retina-shard verify {cfg.data}`")  # fmt: skip
@@ -293,7 +220,8 @@ def _run(argv: list[str] | None) -> int:
                    "(twice the model time; no gain measured on the demo, see the README)")  # fmt: skip
     p.add_argument("--cam", action="store_true", help="Grad-CAM overlays per predicted-positive class (OUT/cam/)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: the backbones' data.eval_batch_size, the smallest)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="processes preparing photographs / loader threads")
     p.add_argument("--backend", default=None, choices=("dali", "wds"),
                    help="loader backend for --data (default: the one the backbones trained with)")  # fmt: skip
@@ -301,7 +229,7 @@ def _run(argv: list[str] | None) -> int:
     setup_logging()
     from retina_train.distributed import resolve_device
 
-    if args.batch_size < 1 or args.workers < 0:
+    if (args.batch_size is not None and args.batch_size < 1) or args.workers < 0:
         raise PredictError(f"--batch-size must be >= 1 and --workers >= 0; got {args.batch_size}, {args.workers}")
     cfg = config_from_args(PredictConfig, args, device=resolve_device(args.device))
     result = predict_bundle(cfg)

@@ -68,6 +68,7 @@ FRACTION = _range(0, 1, hi_open=True)
 RULES: dict[str, tuple] = {
     "train.epochs": AT_LEAST_1,
     "data.batch_size": AT_LEAST_1,
+    "data.eval_batch_size": (lambda x: isinstance(x, int) and x >= 0, ">= 0 (0: from data.batch_size)"),
     "data.image_size": (lambda x: x == 0 or x >= MIN_IMAGE_SIZE, f"0 (the backbone's) or >= {MIN_IMAGE_SIZE} pixels"),
     "data.grad_accum": AT_LEAST_1,
     "data.num_threads": (lambda x: x is None or AT_LEAST_1[0](x), "null (the cores per local rank) or >= 1"),

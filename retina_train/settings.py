@@ -29,6 +29,7 @@ class RunSettings:
     precision: str  # "fp32", "bf16" or "fp16" (the config's "auto" resolved for the device)
     channels_last: bool  # model and batches in channels-last memory (CNNs on a GPU, when data.channels_last)
     layer_decay: float | None  # the config's, else the backbone's (RETFound 0.65); None: no layer-wise decay
+    eval_batch_size: int = 0  # validation, OOF and ensemble inference batch (data.eval_batch_size resolved)
 
     @property
     def layout(self) -> str:
@@ -53,18 +54,28 @@ def resolve_settings(cfg: RunConfig, device: str) -> RunSettings:
         precision=precision,
         channels_last=device == "cuda" and spec.family in CNN_FAMILIES and cfg.data.channels_last,
         layer_decay=cfg.model.layer_decay if cfg.model.layer_decay is not None else spec.layer_decay,
+        eval_batch_size=cfg.data.eval_batch_size or default_eval_batch_size(cfg.data.batch_size),
     )
+
+
+def default_eval_batch_size(batch_size: int) -> int:
+    """The inference batch for a training micro-batch: 4x it up to 256, never under 2x. Inference keeps no
+    activations for a backward pass, so twice the micro-batch always fits where training fit."""
+    return max(2 * batch_size, min(4 * batch_size, 256))
 
 
 def loader_config(cfg: RunConfig, settings: RunSettings, model: torch.nn.Module, *, folds, mode: str, rank: int = 0,
                   world: int = 1, seed: int = 0, **overrides) -> LoaderConfig:  # fmt: skip
     """The loader config of run ``cfg`` for ``model`` (its mean/std): the run's loader settings (``cfg.data``), its
-    dataset, the resolved image size, layout and device; ``overrides`` replace any field (e.g. ``data``, the
-    external dataset at evaluation, or the batch size at prediction)."""
+    dataset, the resolved image size, layout and device, and in eval mode the eval batch size
+    (``settings.eval_batch_size``); ``overrides`` replace any field (e.g. ``data``, the external dataset at
+    evaluation, or the batch size at prediction)."""
     pcfg = getattr(model, "pretrained_cfg", {}) or {}
     fields = dict(
         data=Path(cfg.data.dataset), folds=folds, mode=mode, image_size=settings.image_size,
         mean=tuple(pcfg.get("mean", IMAGENET_MEAN)), std=tuple(pcfg.get("std", IMAGENET_STD)),
         layout=settings.layout, device=settings.loader_device, seed=seed, rank=rank, world_size=world,
     )  # fmt: skip
+    if mode == "eval" and settings.eval_batch_size:
+        fields["batch_size"] = settings.eval_batch_size
     return LoaderConfig.from_settings(cfg.data, **{**fields, **overrides})

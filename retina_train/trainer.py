@@ -32,7 +32,7 @@ from retina_train.backbones import create_backbone, param_groups
 from retina_train.config import ConfigError, RunConfig, config_differences, to_dict
 from retina_train.distributed import barrier, gather_arrays, init_distributed, rank_world, resolve_device
 from retina_train.ds_config import build_ds_config
-from retina_train.inference import predict
+from retina_train.inference import autocast_dtype, predict
 from retina_train.oof import write_oof
 from retina_train.preflight import check_options, check_out, check_plan
 from retina_train.settings import RunSettings, loader_config, resolve_settings
@@ -280,7 +280,8 @@ class Trainer:
 
     def validate(self) -> dict:
         """Scores on fold k over all ranks: macro-AUC, per-class AUC, macro-F1 at 0.5 (classes with both labels)."""
-        keys, probs, labels = gather_arrays(*predict(self.engine.module, self.val_loader, self.engine.device))
+        keys, probs, labels = gather_arrays(*predict(self.engine.module, self.val_loader, self.engine.device,
+                                                     dtype=autocast_dtype(self.settings)))  # fmt: skip
         return validation_scores(keys, probs, labels)
 
     def end_epoch(self, epoch: int, scores: dict) -> None:
@@ -313,7 +314,8 @@ class Trainer:
             for old in self.fold_dir.glob("oof-rank*.parquet"):
                 old.unlink()
         barrier()
-        keys, probs, _ = predict(self.engine.module, self.val_loader, self.engine.device)
+        dtype = autocast_dtype(self.settings)  # the run's precision on a GPU, fp32 on the CPU
+        keys, probs, _ = predict(self.engine.module, self.val_loader, self.engine.device, dtype=dtype)
         write_oof(self.fold_dir / f"oof-rank{self.rank}.parquet", keys, probs, fold=self.fold)
         barrier()
 

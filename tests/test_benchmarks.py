@@ -42,3 +42,29 @@ def test_bench_all_quick_reports_every_figure(tmp_path, monkeypatch):
     for name in doc:  # the goal table says 'met' exactly when the ratio reaches the goal
         met = "yes" if doc[name]["ratio"] >= doc[name]["goal"] else "no"
         assert f"| {name} | {doc[name]['ratio']:.3f} | {doc[name]['goal']} | {met} |" in table
+
+
+def test_bench_predict_quick_json_matches_table(tmp_path, capsys, monkeypatch):
+    """`retina-bench predict` at a tiny size: retina-predict and the plain loops predict every photograph, and the
+    JSON line says what the table says (rows, images/s, the ratio over the batch-1 baseline)."""
+    from benchmarks import bench_predict
+    from benchmarks.cli import main
+
+    real = bench_predict.run
+    monkeypatch.setattr(bench_predict, "run", lambda **kw: real(**kw, cache=tmp_path, n=6))
+    assert main(["predict", "--quick", "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(lines[-1])
+    assert doc["benchmark"] == "predict" and doc["goal"] == 3.0
+    assert doc["images"] == 6 and doc["fold_models"] == 4 and doc["workers"] == 1
+    table = [line for line in lines[:-1] if line.startswith("| ") and not line.startswith(("| run ", "| ---"))]
+    assert len(table) == len(doc["rows"]) == 3
+    for line, row in zip(table, doc["rows"], strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["name"] and float(cells[1]) == pytest.approx(row["seconds"], abs=1e-3)
+        assert float(cells[2].replace(",", "")) == pytest.approx(row["images_per_s"], abs=0.6)
+        assert row["seconds"] > 0 and row["images_per_s"] > 0
+    baseline, batched, ours = doc["rows"]
+    assert "baseline" in baseline["name"] and ours["name"].startswith("retina-predict")
+    assert doc["ratio"] == pytest.approx(baseline["seconds"] / ours["seconds"], rel=0.01)
+    assert ours["note"] == f"ratio {doc['ratio']:.2f}"

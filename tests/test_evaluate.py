@@ -210,3 +210,86 @@ def test_allow_partial_says_so(trained, tmp_path, capsys, caplog):
                                          out=tmp_path / "whole", bootstrap=0))  # fmt: skip
     assert whole.partial is False and json.loads((tmp_path / "whole" / "summary.json").read_text())["partial"] is False
     assert "mean of all its fold models" in (tmp_path / "whole" / "report.md").read_text()
+
+
+def _per_fold_model_reference(model_dir: Path, data: Path) -> tuple:
+    """What retina-eval computed before the ensemble path: one loader (one decode of the dataset) per fold model,
+    one model in memory at a time, a float64 sum of the fold models' probabilities divided by their count."""
+    import numpy as np
+
+    from retina_train.inference import BackboneRun
+
+    run = BackboneRun.open(model_dir)
+    total, keys_ref = None, None
+    for w in run.weights:
+        model = run.load(w)
+        loader = build_loader(run.loader_config(model, data=data, folds=range(2), mode="eval", batch_size=16,
+                                                backend="wds", num_threads=1))  # fmt: skip
+        keys, probs, _ = predict(model, loader, "cpu")
+        order = np.argsort(keys)
+        if keys_ref is None:
+            keys_ref, total = keys[order], probs[order].astype(np.float64)
+        else:
+            assert np.array_equal(keys[order], keys_ref)
+            total += probs[order]
+    return keys_ref, total / len(run.weights)
+
+
+def test_ensemble_decodes_once_per_preprocessing_group(trained, tmp_path, monkeypatch):
+    """retina-eval's probabilities per backbone are the per-fold-model path's (to 1e-5), with one loader per
+    preprocessing group instead of one per fold model, at the backbones' eval batch size."""
+    import shutil
+
+    import numpy as np
+
+    from retina_io.schema import CLASSES, feature_name, parse_key
+    from retina_train import inference
+
+    data = trained / "shards" / "aptos"
+    built = []
+
+    def counting_build_loader(cfg):
+        built.append(cfg)
+        return build_loader(cfg)
+
+    monkeypatch.setattr(inference, "build_loader", counting_build_loader)
+    features = inference.predict_runs(trained / "runs", data, backend="wds", num_threads=1, progress=False)
+    # tiny_resnet and tiny_vit share size, mean/std and local contrast: one pass for both backbones' 6 fold models
+    assert len(built) == 1 and built[0].batch_size == 64  # tiny_resnet's micro-batch 16 -> eval batch 4 x 16
+    keys = np.array([parse_key(k) for k in features["key"]])
+    for name in BACKBONES:
+        ref_keys, ref = _per_fold_model_reference(trained / "runs" / name, data)
+        assert np.array_equal(keys, ref_keys)
+        got = features.select([feature_name(name, c) for c in CLASSES]).to_numpy()
+        assert np.abs(got - ref).max() < 1e-5, name
+    # a backbone with other preprocessing gets its own pass, still one for all its fold models
+    runs = tmp_path / "runs"
+    shutil.copytree(trained / "runs", runs, ignore=shutil.ignore_patterns("eval", "stack"))
+    cfg = json.loads((runs / "tiny_vit" / "config.json").read_text())
+    cfg["data"]["local_contrast"] = 0.0
+    (runs / "tiny_vit" / "config.json").write_text(json.dumps(cfg))
+    built.clear()
+    two = inference.predict_runs(runs, data, backend="wds", num_threads=1, batch_size=8, progress=False)
+    assert len(built) == 2 and {c.local_contrast for c in built} == {0.0, 0.047}
+    assert all(c.batch_size == 8 for c in built)
+    resnet = [feature_name("tiny_resnet", c) for c in CLASSES]
+    assert np.abs(two.select(resnet).to_numpy() - features.select(resnet).to_numpy()).max() < 1e-5
+
+
+def test_inference_settings_follow_the_run():
+    """bf16/fp16 autocast and channels-last on a GPU as the run trained; fp32 NCHW on the CPU; eval batch >= 2x."""
+    from retina_train.inference import autocast_dtype
+    from retina_train.settings import default_eval_batch_size, resolve_settings
+
+    cfg = resolve_config("tiny_resnet")
+    assert autocast_dtype(resolve_settings(cfg, "cpu")) is None
+    gpu = resolve_settings(cfg, "cuda")
+    assert autocast_dtype(gpu) == torch.bfloat16 and gpu.channels_last and gpu.eval_batch_size == 64
+    cfg.train.precision = "fp16"
+    assert autocast_dtype(resolve_settings(cfg, "cuda")) == torch.float16
+    cfg.train.precision = "bf16"
+    assert autocast_dtype(resolve_settings(cfg, "cpu")) is None  # the CPU predicts in fp32
+    assert not resolve_settings(resolve_config("tiny_vit"), "cuda").channels_last
+    assert [default_eval_batch_size(b) for b in (1, 16, 64, 128, 512)] == [4, 64, 256, 256, 1024]
+    cfg.data.eval_batch_size = 100
+    assert resolve_settings(cfg, "cpu").eval_batch_size == 100
