@@ -230,7 +230,12 @@ def measure(work: Path, pool: list[bytes], n: int, workers: int, batches: int) -
     }
     for b, (first, ips, counted) in loaders.items():
         fig |= {f"{b}_first_batch_s": first, f"{b}_images_per_s": ips, f"{b}_images_timed": counted}
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in fig.items()}
+    return {k: _sig(v) if isinstance(v, float) else v for k, v in fig.items()}
+
+
+def _sig(x: float) -> float:
+    """``x`` to 6 significant digits (the JSON stays readable; ratios of the figures stay exact to 1e-5)."""
+    return float(f"{x:.6g}")
 
 
 def goals(per_n: list[dict], workers: int) -> dict:
@@ -255,7 +260,7 @@ def goals(per_n: list[dict], workers: int) -> dict:
         "verify_mb_per_s": (verify_mb_s, VERIFY_GOAL_MB_S, verify_mb_s / VERIFY_GOAL_MB_S, big["n"], ">="),
     }  # fmt: skip
     return {
-        name: {"value": round(v, 4), "goal": goal, "direction": d, "fraction": round(frac, 4), "met": frac >= 1.0,
+        name: {"value": _sig(v), "goal": goal, "direction": d, "fraction": _sig(frac), "met": frac >= 1.0,
                "at_n": at, "workers": workers}
         for name, (v, goal, frac, at, d) in g.items()
     }  # fmt: skip
