@@ -331,7 +331,10 @@ def run(*, quick: bool = False, workers: int = 2, work: Path | None = None, size
     tmp = Path(tempfile.mkdtemp(prefix="retina-bench-scale-", dir=base))
     try:
         pool = make_pool(CACHE, n=pool_size)
-        per_n = [measure(tmp / f"n{n}", pool, n, workers, batches) for n in sizes]
+        per_n = []
+        for n in sizes:
+            per_n.append(measure(tmp / f"n{n}", pool, n, workers, batches))
+            print(f"retina-bench scale: N={n}: {json.dumps(per_n[-1])}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     g = goals(per_n, workers)
