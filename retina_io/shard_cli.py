@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("--no-progress", action="store_true", help="no progress bars")
     vf = sub.add_parser("verify", help="re-read every shard against the manifest")
     vf.add_argument("folder", type=Path)
+    vf.add_argument("--workers", type=int, default=None, help="processes checking shards (default: all cores)")
     vf.add_argument("--no-progress", action="store_true")
     pv = sub.add_parser("preview", help="draw one loader batch (what the model sees) into a PNG",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -131,7 +132,7 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "preview":
         return _preview(args)
     if args.command == "verify":
-        rep = verify(args.folder, progress=not args.no_progress)
+        rep = verify(args.folder, progress=not args.no_progress, workers=args.workers)
         print(f"ok: {args.folder}: {rep.shards} shards, {rep.samples} samples, {rep.bytes / 1e6:.1f} MB verified")
         return 0
     label_columns = tuple(c for c in args.label_columns.split(",") if c)

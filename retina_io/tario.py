@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from retina_io.schema import KEY_WIDTH
 
 IDX_VERSION = "v1.2"
@@ -169,6 +171,93 @@ def iter_tar(path: Path, *, sha=None) -> Iterator[tuple[TarSample, list[tuple[st
             yield current, members
         if reader is not None:
             reader.drain()
+
+
+# The header fields tarfile reads as numbers (offset, width): in the writer's form, octal digits then a NUL (or all
+# NUL, read as 0: tarfile leaves devmajor/devminor so).
+_NUMBER_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8))
+_FAST_NAME = re.compile(rb"([0-9]{%d})\.(%s)\x00" % (KEY_WIDTH, "|".join(MEMBER_EXTENSIONS).encode()))
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+@dataclass
+class ScannedTar:
+    """A tar's members, in order, as parallel lists (cheap to build and to compare a million of)."""
+
+    keys: list[bytes]
+    exts: list[bytes]
+    offsets: list[int]  # of each member's data
+    sizes: list[int]
+
+    def members(self) -> list[tuple[str, int, int]]:
+        """(member name, data offset, size) per member, as :func:`iter_tar` gives them."""
+        names = [f"{k.decode()}.{e.decode()}" for k, e in zip(self.keys, self.exts, strict=True)]
+        return list(zip(names, self.offsets, self.sizes, strict=True))
+
+
+def scan_members(buf: bytes) -> ScannedTar | None:
+    """The members of the tar ``buf``, read from its headers without ``tarfile``, or None when the tar is not exactly
+    in the form :class:`TarShardWriter` writes.
+
+    Accepted only: regular files (type ``0``) named ``KEY.EXT`` (no prefix field), every number field octal digits
+    and a NUL (or all NUL), the header checksum right, each member's data inside ``buf``, and an end-of-archive block
+    after the last one. Under those rules this reads exactly the members ``tarfile`` reads (which is what
+    :func:`iter_tar` gives); anything else, hostile or just unusual, gives None and the caller reads the tar with
+    :func:`iter_tar`, whose verdict (and error message) stands. The walk does the least per member (name, size); the
+    other fields and the checksums are checked on all headers at once.
+    """
+    end = len(buf)
+    pos, starts, keys, exts, sizes = 0, [], [], [], []
+    match = _FAST_NAME.match
+    while True:
+        name = match(buf, pos)
+        if name is None:
+            if buf[pos : pos + BLOCK] == _ZERO_BLOCK:
+                break
+            return None
+        if pos + BLOCK > end:
+            return None
+        try:
+            size = int(buf[pos + 124 : pos + 135], 8)
+        except ValueError:
+            return None
+        starts.append(pos)
+        keys.append(name[1])
+        exts.append(name[2])
+        sizes.append(size)
+        pos += BLOCK + -(-size // BLOCK) * BLOCK  # past the end when the data is cut: no header matches there
+    if not starts:
+        return ScannedTar([], [], [], [])
+    first = np.asarray(starts)
+    heads = np.frombuffer(buf, dtype=np.uint8)[first[:, None] + np.arange(BLOCK)]
+    if first[-1] + BLOCK + sizes[-1] > end or not _heads_well_formed(heads):
+        return None
+    return ScannedTar(keys, exts, (first + BLOCK).tolist(), sizes)
+
+
+def _heads_well_formed(h: np.ndarray) -> bool:
+    """Every header (a row of ``h``) is a regular file (type ``0``) without a prefix, its number fields are octal
+    digits + NUL (or all NUL) and its unsigned checksum is right."""
+    if not ((h[:, 156] == ord("0")).all() and (h[:, 345] == 0).all()):
+        return False
+    octal = (h >= ord("0")) & (h <= ord("7"))
+    for start, width in _NUMBER_FIELDS:
+        digits = octal[:, start : start + width - 1].all(axis=1) & (h[:, start + width - 1] == 0)
+        if not (digits | (h[:, start : start + width] == 0).all(axis=1)).all():
+            return False
+    if not (octal[:, 148:154].all() and (h[:, 154] == 0).all() and (h[:, 155] == ord(" ")).all()):
+        return False
+    recorded = ((h[:, 148:154].astype(np.int64) - ord("0")) * 8 ** np.arange(5, -1, -1)).sum(axis=1)
+    computed = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    return bool((recorded == computed).all())
+
+
+def idx_bytes(scanned: ScannedTar, per_sample: int) -> bytes:
+    """:func:`idx_text` (ASCII) for a scanned tar whose samples are runs of ``per_sample`` members."""
+    members = zip(scanned.keys, scanned.exts, scanned.offsets, scanned.sizes, strict=True)
+    parts = [b"%s %d %d %s.%s" % (e, o, n, k, e) for k, e, o, n in members]
+    lines = [b" ".join(parts[i : i + per_sample]) for i in range(0, len(parts), per_sample)]
+    return b"%s %d\n" % (IDX_VERSION.encode(), len(lines)) + b"".join(line + b"\n" for line in lines)
 
 
 def idx_text(samples: list[list[tuple[str, int, int]]]) -> str:

@@ -68,3 +68,46 @@ def test_bench_predict_quick_json_matches_table(tmp_path, capsys, monkeypatch):
     assert "baseline" in baseline["name"] and ours["name"].startswith("retina-predict")
     assert doc["ratio"] == pytest.approx(baseline["seconds"] / ours["seconds"], rel=0.01)
     assert ours["note"] == f"ratio {doc['ratio']:.2f}"
+
+
+def test_bench_scale_tiny_reports_what_it_measured(tmp_path, monkeypatch, capsys):
+    """``retina-bench scale`` at two tiny sizes: the JSON line holds every figure per N, the goals computed from them,
+    the rows printed in the table; the plot is written and the work folder left empty."""
+    from benchmarks import bench_scale
+    from benchmarks.cli import main
+
+    monkeypatch.setattr(bench_scale, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(bench_scale, "OUT", tmp_path / "out")
+    work = tmp_path / "work"
+    assert main(["scale", "--sizes", "300,600", "--pool", "40", "--workers", "1", "--work", str(work)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(lines[-1])
+    assert doc["benchmark"] == "scale" and doc["sizes"] == [300, 600] and doc["pool_images"] == 40
+    per_n = doc["per_n"]
+    assert [f["n"] for f in per_n] == [300, 600]
+    for f in per_n:
+        assert all(v > 0 for k, v in f.items()), f
+        assert f["pack_images_per_s"] == pytest.approx(f["n"] / f["pack_seconds"], rel=1e-3)
+        assert f["pack_peak_rss_mb"] >= f["pack_peak_rss_main_mb"] > 10  # a Python process at least
+        assert f["pack_vs_shardwriter_check"] == pytest.approx(
+            f["pack_images_per_s"] / f["shardwriter_check_images_per_s"], rel=1e-2
+        )
+    goals = doc["goals"]
+    assert set(goals) == {"pack_peak_rss_gb_at_1m", "pack_cost_flatness", "pack_vs_shardwriter_check",
+                          "pack_vs_shardwriter_nocheck", "verify_mb_per_s"}  # fmt: skip
+    costs = [f["pack_us_per_image"] for f in per_n]
+    assert goals["pack_cost_flatness"]["value"] == pytest.approx(max(costs) / min(costs), rel=1e-3)
+    assert goals["verify_mb_per_s"]["value"] == pytest.approx(min(f["verify_mb_per_s"] for f in per_n), rel=1e-3)
+    assert goals["pack_vs_shardwriter_check"]["value"] == per_n[-1]["pack_vs_shardwriter_check"]
+    for g in goals.values():
+        want = g["value"] / g["goal"] if g["direction"] == ">=" else g["goal"] / g["value"]
+        assert g["fraction"] == pytest.approx(want, rel=1e-3) and g["met"] == (g["fraction"] >= 1.0)
+    assert doc["ratio"] == pytest.approx(min(g["fraction"] for g in goals.values()), abs=1e-3)
+    assert doc["goal"] == 1.0 and goals[doc["worst"]]["fraction"] == min(g["fraction"] for g in goals.values())
+    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith("| N=")]
+    printed = {cells[0]: float(cells[1]) for cells in rows}
+    assert len(doc["rows"]) == 8 * len(per_n) == len(printed)
+    for row in doc["rows"]:
+        assert printed[row["name"]] == pytest.approx(row["seconds"], abs=1.1e-3), row["name"]
+    assert (tmp_path / "out" / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(work.iterdir()) == []

@@ -22,7 +22,7 @@ from retina_io.loader import LoaderConfig, LoaderSettings, build_loader
 from retina_io.pack import PackConfig, pack
 from retina_io.preview import write_batch_preview
 from retina_io.shard_cli import main as shard_main
-from retina_io.tario import idx_text, sha256_file
+from retina_io.tario import BLOCK, idx_text, iter_tar, scan_members, sha256_file
 from retina_io.verify import verify
 from tests.conftest import write_synfundus_folder
 
@@ -80,11 +80,11 @@ def _members(tar: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
 
 
 def _rewrite_shard(ds: Path, members: list[tuple[tarfile.TarInfo, bytes]], *, rel: str = SHARD,
-                   samples: int | None = None) -> None:  # fmt: skip
-    """Write ``members`` as the tar ``rel``, its ``.idx`` as wds2idx would, and its size and sha256 (and, given,
-    its sample count) into the manifest."""
+                   samples: int | None = None, fmt: int = tarfile.USTAR_FORMAT) -> None:  # fmt: skip
+    """Write ``members`` as the tar ``rel`` (in tar format ``fmt``), its ``.idx`` as wds2idx would, and its size and
+    sha256 (and, given, its sample count) into the manifest."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
         for info, data in members:
             info.size = len(data) if info.isfile() else 0
             t.addfile(info, io.BytesIO(data) if info.isfile() else None)
@@ -499,3 +499,115 @@ def test_good_dataset_unchanged(packed, capsys):
         assert sorted(keys) == sorted(int(k) for k in ds.index()["key"])
     assert shard_main(["verify", str(packed), "--no-progress"]) == 0
     assert "ok:" in capsys.readouterr().out
+
+
+# --- verify's fast path (one mmap per tar, headers from the buffer) agrees with the tarfile reader ------------------
+
+
+def test_verify_reads_good_shards_without_tarfile(packed, monkeypatch, capsys):
+    """A dataset the packer wrote passes on the fast path alone; ``tarfile`` is only the fallback for the unusual."""
+    import retina_io.verify as verify_module
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the tarfile reader was used")
+
+    monkeypatch.setattr(verify_module, "iter_tar", refuse)
+    assert verify(packed, progress=False, workers=1).samples == 40
+    assert shard_main(["verify", str(packed), "--workers", "1", "--no-progress"]) == 0
+
+
+def test_scan_members_reads_what_tarfile_reads(packed):
+    for tar in sorted(packed.glob("fold*/*.tar")):
+        scanned = scan_members(tar.read_bytes())
+        assert scanned is not None, tar
+        assert scanned.members() == [m for _, ms in iter_tar(tar) for m in ms]
+
+
+def _header_at(data: bytearray, member: int) -> int:
+    """The offset of member ``member``'s header in a packed tar."""
+    return _members_offsets(bytes(data))[member] - BLOCK
+
+
+def _members_offsets(data: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        return [m.offset_data for m in t.getmembers()]
+
+
+def _set_field(data: bytearray, head: int, start: int, value: bytes, *, fix_checksum: bool = True) -> None:
+    data[head + start : head + start + len(value)] = value
+    if fix_checksum:
+        block = data[head : head + BLOCK]
+        chksum = 256 + sum(block[:148]) + sum(block[156:])
+        data[head + 148 : head + 156] = b"%06o\x00 " % chksum
+
+
+def _edit_header(kind: str, data: bytearray) -> bytearray:
+    """A tar ``tarfile`` reads differently from a naive header walk (or just unusually), for each ``kind``."""
+    head = _header_at(data, 3)  # the second sample's first member
+    if kind == "bad_checksum":  # tarfile ends the archive at a header with a bad checksum, silently
+        data[head + 1] ^= 0x01
+    elif kind == "mode_not_octal":  # ... and at a number field it cannot read
+        _set_field(data, head, 100, b"zzzzzzz\x00")
+    elif kind == "size_base256":  # the GNU binary size: tarfile reads it right
+        size = int(bytes(data[head + 124 : head + 135]), 8)
+        _set_field(data, head, 124, b"\x80" + size.to_bytes(11, "big"))
+    elif kind == "prefix":  # a ustar prefix: tarfile reads the member as PREFIX/NAME
+        _set_field(data, head, 345, b"elsewhere")
+    elif kind == "no_end_block":  # tarfile takes the end of the file as the end of the archive
+        end = _members_offsets(bytes(data))[-1] + BLOCK  # the last member (json) fits one block
+        del data[end:]
+    elif kind == "typeflag_old_regular":  # "\0": a regular file to tarfile too
+        _set_field(data, head, 156, b"\x00")
+    return data
+
+
+HEADER_KINDS = ["bad_checksum", "mode_not_octal", "size_base256", "prefix", "no_end_block", "typeflag_old_regular"]
+
+
+def _verify_outcome(ds: Path) -> str:
+    try:
+        verify(ds, progress=False, workers=2)
+    except DatasetError as exc:
+        return str(exc)
+    return "ok"
+
+
+@pytest.mark.parametrize("kind", HEADER_KINDS)
+def test_unusual_headers_are_left_to_tarfile(ds, monkeypatch, kind):
+    """Headers outside the writer's exact form are not read by the fast path: the verdict is the tarfile reader's."""
+    import retina_io.verify as verify_module
+
+    data = _edit_header(kind, bytearray((ds / SHARD).read_bytes()))
+    assert scan_members(bytes(data)) is None
+    (ds / SHARD).write_bytes(data)
+    m = _manifest(ds)
+    m["shards"][0]["bytes"], m["shards"][0]["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    _write_manifest(ds, m)
+    got = _verify_outcome(ds)
+    monkeypatch.setattr(verify_module, "_fast_ok", lambda *_a: False)
+    assert got == _verify_outcome(ds)
+    assert (got == "ok") == (kind in ("size_base256", "no_end_block", "typeflag_old_regular")), got
+
+
+def test_pax_headers_are_left_to_tarfile(ds):
+    """A shard rewritten by a pax-writing tool (an extended header per member) still verifies, by tarfile."""
+    members = _members(ds / SHARD)
+    for info, _ in members:
+        info.pax_headers = {"comment": "rewritten"}
+    _rewrite_shard(ds, members, fmt=tarfile.PAX_FORMAT)
+    assert scan_members((ds / SHARD).read_bytes()) is None
+    assert verify(ds, progress=False, workers=2).samples == 40
+
+
+def test_parallel_verify_names_the_first_bad_shard(ds, capsys):
+    """Shards are checked in parallel; the error is the first bad shard's in manifest order."""
+    shards = [s["path"] for s in _manifest(ds)["shards"]]
+    for rel in (shards[0], shards[-1]):
+        data = bytearray((ds / rel).read_bytes())
+        data[700] ^= 0xFF
+        (ds / rel).write_bytes(data)
+    for workers in ("1", "2", "8"):
+        capsys.readouterr()
+        assert shard_main(["verify", str(ds), "--workers", workers, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{shards[0]} does not match its sha256" in err and shards[-1] not in err, err
