@@ -29,6 +29,7 @@ import polars as pl
 from retina_io.errors import RetinaError
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+CHUNK_ROWS = 1 << 16  # records parsed into Python strings before they become columns
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _BOMS = (  # longest first: the UTF-32-LE mark starts with the UTF-16-LE one
     (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 (little-endian)"),
@@ -127,6 +128,7 @@ def parse_text(text: str, path: Path, default_separator: str = ",") -> Table:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_separator(first, default_separator))
     header: list[str] | None = None
     columns: list[list[str | None]] = []
+    chunks: list[pl.DataFrame] = []  # every CHUNK_ROWS records become columns: no Python object per value survives
     ragged: dict[int, str] = {}
     rows = 0
     try:
@@ -147,12 +149,19 @@ def parse_text(text: str, path: Path, default_separator: str = ",") -> Table:
             for col, value in zip(columns, record, strict=True):
                 col.append(value if value != "" else None)
             rows += 1
+            if rows % CHUNK_ROWS == 0:
+                chunks.append(_chunk(header, columns))
+                columns = [[] for _ in header]
     except csv.Error as exc:
         raise TableError(f"labels file {path}: line {reader.line_num} cannot be parsed as CSV ({exc})") from None
     if header is None:
         raise TableError(f"labels file {path} is empty (no header line)")
-    frame = pl.DataFrame({n: c for n, c in zip(header, columns, strict=True)}, schema={n: pl.String for n in header})
-    return Table(frame, ragged)
+    chunks.append(_chunk(header, columns))
+    return Table(pl.concat(chunks, rechunk=True), ragged)
+
+
+def _chunk(header: list[str], columns: list[list[str | None]]) -> pl.DataFrame:
+    return pl.DataFrame(dict(zip(header, columns, strict=True)), schema=dict.fromkeys(header, pl.String))
 
 
 def _names(path: Path, header: list[str]) -> list[str]:
