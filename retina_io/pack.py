@@ -219,10 +219,17 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
         shutil.rmtree(spool_dir, ignore_errors=True)  # left by a killed run
         try:
             folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),), exclude_dirs=(out,))
-            candidates, rejects, strays = _resolve_rows(table, folder, preset)
+            candidates, rejects, n_strays = _resolve_rows(table, folder, preset)
+            label_rows = table.frame.height
+            table = LabelTable(table.preset, table.frame.clear(), table.metadata_columns)  # the rows: in candidates
             checked, spools = _check_files(folder, candidates, cfg, pool, spool_dir, rejects)
             del folder, candidates
-            return _plan_and_write(cfg, out, pool, t0, preset, table, checked, spools, rejects, strays)
+            accepted, duplicates = split_duplicates(checked)
+            del checked
+            rejects.append(_rejects(duplicates, "label_row"))
+            work = {"accepted": accepted}  # handed over, so that only the callee holds it (and frees it)
+            del accepted
+            return _plan_and_write(cfg, out, pool, t0, preset, table, label_rows, work, spools, rejects, n_strays)
         finally:
             close_spool()
             shutil.rmtree(spool_dir, ignore_errors=True)
@@ -325,11 +332,10 @@ def _probe(folder: ImageFolder, files: pl.DataFrame, cfg: PackConfig, pool, spoo
     return frame, tuple(sorted(spools, key=spools.get))
 
 
-def _plan_and_write(cfg, out, pool, t0, preset, table, checked, spools, rejects, n_strays) -> PackResult:
-    """Keys by id, folds, shuffled shards for the checked rows, then the shards and the outputs."""
-    label_rows = table.frame.height
-    accepted, duplicates = split_duplicates(checked)
-    rejects.append(_rejects(duplicates, "label_row"))
+def _plan_and_write(cfg, out, pool, t0, preset, table, label_rows, work, spools, rejects, n_strays) -> PackResult:
+    """Keys by id, folds, shuffled shards for the accepted rows (``work["accepted"]``), then the shards and the
+    outputs."""
+    accepted = work.pop("accepted")
     rejects = pl.concat(rejects, how="vertical_relaxed")
     by_reason = dict(sorted(rejects["reason"].value_counts().iter_rows()))
     if accepted.height == 0:
@@ -338,7 +344,7 @@ def _plan_and_write(cfg, out, pool, t0, preset, table, checked, spools, rejects,
             f"{n_strays} unlabelled files; rejected: {by_reason}. "
             f"Check --preset (now {cfg.preset!r}) and --images."
         )
-    accepted = accepted.sort("id", maintain_order=True)
+    accepted = accepted.drop("row").sort("id", maintain_order=True)
     n = accepted.height
     y = accepted.select(CLASSES).fill_null(0).to_numpy().astype(np.uint8)
     groups = None

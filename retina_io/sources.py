@@ -82,34 +82,41 @@ class ImageFolder:
         self.os_names: dict[str, str] = {}  # shown relpath -> the name on disk, for names that are not UTF-8
         chunks: list[pl.DataFrame] = []
         cols: list[list] = [[] for _ in FILE_SCHEMA]
+        seq: list[int] = []  # the folder's number in walk order, per file
         stack = [("", str(self.root))]
-        while stack:  # iterative scandir walk, sorted; directory links are not followed (no cycles)
+        folders = 0
+        while stack:  # iterative scandir walk in sorted order; directory links are not followed (no cycles)
             rel_dir, path = stack.pop()
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-            for entry in reversed(entries):
-                rel = f"{rel_dir}{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
-                    if not (skip_dirs and os.path.realpath(entry.path) in skip_dirs):
-                        stack.append((rel + "/", entry.path))
-                    continue
-                if entry.name in excluded_names and os.path.realpath(entry.path) in excluded:
-                    continue
-                try:
-                    st = entry.stat()
-                    values = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_mode)
-                except OSError:
-                    values = (-1, 0, 0, 0, 0)  # a dangling link: still a file someone put here
-                shown = display_text(rel)
-                if shown != rel:
-                    self.os_names[shown] = rel
-                for col, v in zip(cols, (shown, *values, entry.is_symlink()), strict=True):
-                    col.append(v)
-                if len(cols[0]) >= SCAN_CHUNK:
-                    chunks.append(_frame(cols))
-                    cols = [[] for _ in FILE_SCHEMA]
-        chunks.append(_frame(cols))
-        table = pl.concat(chunks, rechunk=True).with_row_index("file")
+            subdirs = []
+            with os.scandir(path) as it:  # entries one at a time: a folder of a million files holds none of them
+                for entry in it:
+                    rel = f"{rel_dir}{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        if not (skip_dirs and os.path.realpath(entry.path) in skip_dirs):
+                            subdirs.append(entry.name)
+                        continue
+                    if entry.name in excluded_names and os.path.realpath(entry.path) in excluded:
+                        continue
+                    try:
+                        st = entry.stat()
+                        values = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_mode)
+                    except OSError:
+                        values = (-1, 0, 0, 0, 0)  # a dangling link: still a file someone put here
+                    shown = display_text(rel)
+                    if shown != rel:
+                        self.os_names[shown] = rel
+                    for col, v in zip(cols, (shown, *values, entry.is_symlink()), strict=True):
+                        col.append(v)
+                    seq.append(folders)
+                    if len(seq) >= SCAN_CHUNK:
+                        chunks.append(_frame(cols, seq))
+                        cols, seq = [[] for _ in FILE_SCHEMA], []
+            folders += 1
+            stack.extend((f"{rel_dir}{name}/", os.path.join(path, name)) for name in sorted(subdirs, reverse=True))
+        chunks.append(_frame(cols, seq))
+        # Walk order: folder by folder (depth first, sorted), each folder's files by name from the last.
+        table = pl.concat(chunks).sort("_folder", "relpath", descending=[False, True]).drop("_folder")
+        table = table.with_row_index("file")
         self.table = table.with_columns(
             ident=pl.when(pl.col("mode") != 0).then(pl.col("file").min().over("dev", "ino")).otherwise(pl.col("file"))
         )
@@ -143,7 +150,7 @@ class ImageFolder:
         active = active.fill_null(False).alias("active")
         rel = _normalized(pl.select(pl.when(active).then(relpath)).to_series().alias("rel"))
         cand = [rel] + [_normalized((p + rel).alias("rel")) for p in preset.prefixes]
-        found = pl.Series("file", [None] * len(rel), dtype=pl.UInt32)
+        found = pl.repeat(None, len(rel), dtype=pl.UInt32, eager=True).alias("file")
         for c in cand:
             hit = c.to_frame().join(files, left_on="rel", right_on="relpath", how="left", maintain_order="left")
             found = found.fill_null(hit["file"])
@@ -193,8 +200,9 @@ def _file_relpath(files: pl.DataFrame) -> pl.Expr:
     return pl.col("file").replace_strict(files["file"], files["relpath"], default=None, return_dtype=pl.String)
 
 
-def _frame(cols: list[list]) -> pl.DataFrame:
-    return pl.DataFrame(dict(zip(FILE_SCHEMA, cols, strict=True)), schema=FILE_SCHEMA)
+def _frame(cols: list[list], folder: list[int]) -> pl.DataFrame:
+    df = pl.DataFrame(dict(zip(FILE_SCHEMA, cols, strict=True)), schema=FILE_SCHEMA)
+    return df.with_columns(_folder=pl.Series(folder, dtype=pl.UInt32))
 
 
 _ODD = r"(^|/)\.\.?(/|$)|//|/$"  # what posixpath.normpath changes in a relative path
