@@ -51,10 +51,12 @@ def _python_peak(root: Path, n: int) -> int:
 def test_python_memory_does_not_grow_per_image(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "CHUNK_ROWS", CHUNK, raising=False)
     monkeypatch.setattr(sources, "SCAN_CHUNK", CHUNK, raising=False)
-    small, large = 1000, 4000
-    _python_peak(tmp_path / "warm", 300)  # first-use caches (imports, regexes, polars) outside the comparison
+    small, large = 500, 2000
+    _python_peak(tmp_path / "warm", 200)  # first-use caches (imports, regexes, polars) outside the comparison
     grown = _python_peak(tmp_path / "large", large) - _python_peak(tmp_path / "small", small)
     per_image = grown / (large - small)
-    # Before issue 14 each image held a dict per label row, scanned file, check and index row (about 600 bytes per
-    # image here, 4.6 KB of resident memory at a million); now only numpy columns (labels, folds, order) grow.
-    assert per_image < 100, f"Python memory grows by {per_image:.0f} bytes per image ({grown} bytes for 3000)"
+    # Before issue 14 each image held a dict per label row, scanned file, check and index row (3.3 KB per image here,
+    # 4.6 KB of resident memory at a million); now only numpy columns (labels, folds, order) grow with the images.
+    assert per_image < 100, (
+        f"Python memory grows by {per_image:.0f} bytes per image ({grown} bytes for {large - small})"
+    )
