@@ -183,7 +183,8 @@ def _decode(data: bytes, im: Image.Image, fmt: str, structure: Structure | None)
         if fmt == "jpeg" and structure is not None:
             # Full scale where scans are split (progressive) or restart (what ends early may not show at 1/8).
             full = structure.progressive or structure.restart_interval > 0
-            pixels = _jpeg_pixels(data, full=full)
+            # The header already parsed is decoded as is when it is a plain JPEG (an MPO opens anew as one).
+            pixels = _jpeg_pixels(data, full=full, im=im if type(im) is JpegImagePlugin.JpegImageFile else None)
         else:
             im.load()
     except Exception as exc:
@@ -205,10 +206,10 @@ def _decode(data: bytes, im: Image.Image, fmt: str, structure: Structure | None)
             )
 
 
-def _jpeg_pixels(data: bytes, *, full: bool) -> bytes:
+def _jpeg_pixels(data: bytes, *, full: bool, im: JpegImagePlugin.JpegImageFile | None = None) -> bytes:
     """A JPEG's decoded pixels (at 1/8 scale in the DCT domain unless ``full``), opened as a plain JPEG (an MPO's
-    other pictures are not needed)."""
-    im = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    other pictures are not needed) unless ``im`` is ``data`` opened so and not yet loaded."""
+    im = im if im is not None else JpegImagePlugin.JpegImageFile(io.BytesIO(data))
     if not full:
         im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
     im.load()

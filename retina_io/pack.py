@@ -1,20 +1,22 @@
 """``retina-shard pack``: images + a label table -> a packed dataset in shard format v1 (docs/contracts.md, contract 2).
 
-The steps, each a function:
+The steps, each a function; the planner (this process) holds only columns (polars/numpy), never a Python object per
+image, and does no per-image work when there are worker processes:
 
-1. :func:`read_labels` (presets) validates every label row; :class:`ImageFolder` (sources) finds each row's file and
-   every file that no row names. ``--out`` is locked (one pack at a time) and, when inside ``--images``, not scanned.
-2. Every named file is read once and checked in parallel (:func:`probe_chunk`): a truncated, empty, non-image,
-   non-regular or too large file is a reject; what DALI cannot decode as is gets a conversion plan; the checked bytes
-   are hashed.
+1. :func:`read_labels` (presets) validates every label row; :class:`ImageFolder` (sources) scans ``--images`` into a
+   table and finds each row's file and every file that no row names. ``--out`` is locked (one pack at a time) and,
+   when inside ``--images``, not scanned.
+2. Every named file is read once, in parallel (:func:`probe_chunk`): a truncated, empty, non-image, non-regular or
+   too large file is a reject; what DALI cannot decode as is is converted; the checked bytes are hashed, and what the
+   shard will hold is appended to the worker's spool file (``OUT/.work/spool-nodeR/``).
 3. An image's identity is its content (:mod:`retina_io.identity`): rows whose files have the same bytes keep one row
    (the first id) when their labels agree and lose all when they conflict, so no image reaches two folds.
 4. Accepted samples get keys (their rank by id), multilabel-stratified folds, a seeded global shuffle within each fold,
    and shards of ``shard_samples`` (the last shard of each fold may be shorter).
-5. Worker processes write whole shards (:func:`write_shard`), storing only bytes with the checked hash; shards already
+5. Worker processes write whole shards (:func:`write_shard`) from the spools, so what is stored is what was checked
+   without a second read of any image; a bounded number of shard tasks is in flight at a time. Shards already
    complete from an earlier run with the same plan are kept, so rerunning a killed command resumes it.
-   ``num_nodes``/``node_rank`` split the shards between machines on a shared filesystem. A file that changed after it
-   was checked is rejected and the plan made again.
+   ``num_nodes``/``node_rank`` split the shards between machines on a shared filesystem.
 6. When every shard exists: ``index.parquet``, ``rejects.parquet`` and ``manifest.json`` (with per-shard sha256).
 
 Nothing in the outputs depends on time, worker count or node count: the same inputs give byte-identical files.
@@ -23,13 +25,12 @@ Nothing in the outputs depends on time, worker count or node count: the same inp
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -47,25 +48,15 @@ from retina_io.folds import assign_folds, shuffle_within_folds
 from retina_io.fsutil import TMP_MARK
 from retina_io.identity import split_duplicates
 from retina_io.imaging import DEFAULT_MAX_PIXELS
-from retina_io.pack_outputs import conversion_counts, write_outputs
-from retina_io.pack_worker import (
-    ProbeItem,
-    ProbeOptions,
-    ProbeResult,
-    SampleSpec,
-    ShardTask,
-    marker_path,
-    probe_chunk,
-    write_shard,
-)
+from retina_io.pack_outputs import PROBE_SCHEMA, conversion_counts, write_outputs
+from retina_io.pack_worker import ProbeOptions, ShardTask, close_spool, probe_chunk, read_marker, write_shard
 from retina_io.presets import LabelTable, get_preset, read_labels
-from retina_io.schema import CLASSES, encode_labels, format_keys
+from retina_io.schema import CLASSES, KEY_WIDTH
 from retina_io.sources import ImageFolder
 
 log = logging.getLogger(__name__)
 
 PROBE_CHUNK = 256
-MAX_PLANS = 3  # plans made when files change after their check, before giving up
 
 
 class PackError(RetinaError, RuntimeError):
@@ -162,56 +153,6 @@ def _noop(x: int) -> int:
     return x
 
 
-def _probe(
-    folder: ImageFolder, items: list[ProbeItem], cfg: PackConfig, pool: ProcessPoolExecutor | None
-) -> list[ProbeResult]:
-    chunks = [items[i : i + PROBE_CHUNK] for i in range(0, len(items), PROBE_CHUNK)]
-    root = str(folder.root)
-    options = ProbeOptions(resize=cfg.resize, check=cfg.check, max_pixels=cfg.max_pixels)
-    results: list[ProbeResult] = []
-    with tqdm(total=len(items), desc="check images", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
-        if pool is None:
-            outs = (probe_chunk(root, c, options) for c in chunks)
-        else:
-            outs = pool.map(probe_chunk, [root] * len(chunks), chunks, [options] * len(chunks))
-        for out in outs:
-            results.extend(out)
-            bar.update(len(out))
-    results.sort(key=lambda r: r.index)
-    return results
-
-
-def _sample_json(row: dict, key: str, fold: int, plan, meta_cols: tuple[str, ...], present: tuple[str, ...]) -> str:
-    doc = {
-        "key": key,
-        "id": row["id"],
-        "fold": fold,
-        "labels": {c: (row[c] if c in present else None) for c in CLASSES},
-        "meta": {c: row[c] for c in meta_cols},
-        "source": {"path": row["relpath"], "format": plan.source_format, "width": plan.width, "height": plan.height},
-        "conversion": list(plan.conversions),
-    }
-    if row.get("group") is not None:
-        doc["group"] = row["group"]
-    return json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-def _reject(source: str, row: int | None, id_: str | None, path: str | None, reason: str, detail: str) -> dict:
-    return {"source": source, "row": row, "id": id_, "path": _text(path), "reason": reason, "detail": _text(detail)}
-
-
-def _text(s: str | None) -> str | None:
-    """``s`` as UTF-8 text: a file name that is not UTF-8 (Python keeps its bytes as surrogates) shows them as
-    ``\\xff`` escapes instead of failing the rejects table."""
-    if s is None or s.isascii():
-        return s
-    try:
-        s.encode("utf-8")
-        return s
-    except UnicodeEncodeError:
-        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def pack(cfg: PackConfig) -> PackResult:
     """Pack ``cfg.images`` + ``cfg.labels`` into ``cfg.out``; see the module docstring."""
     t0 = time.perf_counter()
@@ -274,125 +215,174 @@ def _pack(cfg: PackConfig, out: Path, pool: ProcessPoolExecutor | None, t0: floa
     )
     table: LabelTable = read_labels(Path(cfg.labels), preset, group_column=cfg.group_column)
     with out_lock(out, num_nodes=cfg.num_nodes, node_rank=cfg.node_rank):
-        folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),), exclude_dirs=(out,))
-        candidates, rejects, strays = _resolve_rows(table.frame, folder, preset)
-        checked = _check_files(folder, candidates, cfg, pool, rejects)
-        return _plan_and_write(cfg, out, pool, t0, preset, table, folder, checked, rejects, strays)
+        spool_dir = out / ".work" / f"spool-node{cfg.node_rank}"
+        shutil.rmtree(spool_dir, ignore_errors=True)  # left by a killed run
+        try:
+            folder = ImageFolder(Path(cfg.images), exclude=(Path(cfg.labels),), exclude_dirs=(out,))
+            candidates, rejects, n_strays = _resolve_rows(table, folder, preset)
+            label_rows = table.frame.height
+            table = LabelTable(table.preset, table.frame.clear(), table.metadata_columns)  # the rows: in candidates
+            checked, spools = _check_files(folder, candidates, cfg, pool, spool_dir, rejects)
+            del folder, candidates
+            accepted, duplicates = split_duplicates(checked)
+            del checked
+            rejects.append(_rejects(duplicates, "label_row"))
+            work = {"accepted": accepted}  # handed over, so that only the callee holds it (and frees it)
+            del accepted
+            return _plan_and_write(cfg, out, pool, t0, preset, table, label_rows, work, spools, rejects, n_strays)
+        finally:
+            close_spool()
+            shutil.rmtree(spool_dir, ignore_errors=True)
 
 
-def _resolve_rows(frame: pl.DataFrame, folder: ImageFolder, preset) -> tuple[list[dict], list[dict], list[str]]:
-    """Each label row that fits, with its file under --images; the rejected rows; the files no row names."""
-    rejects: list[dict] = []
-    claimed: set[str] = set()
-    candidates: list[dict] = []
-    for row in frame.to_dicts():
-        # A file named by a row counts as labelled even when the row itself is rejected (it is not a stray).
-        res = folder.resolve(row["relpath"], preset) if row["reason"] != "unsafe_path" else None
-        if res is not None and res.claimed is not None:
-            claimed.add(res.claimed)
-        if row["reason"] is not None:
-            rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], row["reason"], row["detail"]))
-            continue
-        if res.relpath is None:
-            rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], res.reason, res.detail))
-            continue
-        row["relpath"] = res.relpath
-        candidates.append(row)
-    strays = [rel for rel in folder.files if rel not in claimed]
-    for rel in strays:
-        rejects.append(_reject("image_file", None, None, rel, "no_label_row", "no label row names this file"))
-    return candidates, rejects, strays
-
-
-def _check_files(folder: ImageFolder, candidates: list[dict], cfg: PackConfig, pool, rejects: list[dict]) -> list:
-    """Read and check every file the rows name, each file once (rows naming the same file, through another spelling
-    or a link, share its result). Returns ``(row, probe, file)`` for the rows whose image passed; rejects the rest."""
-    index: dict = {}  # file identity -> probe index
-    items: list[ProbeItem] = []
-    row_file: list[int] = []
-    for row in candidates:
-        st = folder.files[row["relpath"]]
-        ident = st.identity or row["relpath"]
-        if ident not in index:
-            index[ident] = len(items)
-            items.append(ProbeItem(len(items), row["relpath"], st.size, st.mtime_ns))
-        row_file.append(index[ident])
-    probes = _probe(folder, items, cfg, pool)
-    checked = []
-    for row, i in zip(candidates, row_file, strict=True):
-        pr = probes[i]
-        if pr.plan is None:
-            rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], pr.reason, pr.detail))
-        else:
-            checked.append((row, pr, i))
-    return checked
-
-
-def _plan_and_write(cfg, out, pool, t0, preset, table, folder, checked, rejects, strays) -> PackResult:
-    """Keys, folds and shards for the checked rows, then the shards; made again without files that changed after
-    their check (at most :data:`MAX_PLANS` plans)."""
-    label_rows = table.frame.height
-    for _ in range(MAX_PLANS):
-        accepted, duplicates = split_duplicates([(row, pr) for row, pr, _ in checked])
-        dup_rejects = [_reject("label_row", r["row"], r["id"], r["relpath"], *why) for r, *why in duplicates]
-        if not accepted:
-            reasons = Counter(r["reason"] for r in rejects + dup_rejects)
-            raise PackError(
-                f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
-                f"{len(strays)} unlabelled files; rejected: {dict(sorted(reasons.items()))}. "
-                f"Check --preset (now {cfg.preset!r}) and --images."
-            )
-        result = _write_plan(cfg, out, pool, t0, preset, table, folder, accepted, rejects + dup_rejects, strays)
-        if isinstance(result, PackResult):
-            return result
-        changed = dict(result)  # relpath -> detail
-        files = {i: changed[row["relpath"]] for row, _, i in checked if row["relpath"] in changed}  # file -> detail
-        log.warning("%d files changed after they were checked: rejected, planning again", len(files))
-        for row, _, i in checked:
-            if i in files:
-                rejects.append(_reject("label_row", row["row"], row["id"], row["relpath"], "file_changed", files[i]))
-        checked = [c for c in checked if c[2] not in files]
-    raise PackError(
-        f"files under --images {cfg.images} kept changing while they were packed ({MAX_PLANS} plans made); "
-        "pack a copy that nothing writes to"
+def _rejects(frame: pl.DataFrame, source: str, *, reason: str = "reason", detail: str = "detail") -> pl.DataFrame:
+    """Rows of ``frame`` (``row``, ``id``, ``relpath``) as rejects of ``source`` (REJECT_SCHEMA)."""
+    return frame.select(
+        source=pl.lit(source, dtype=pl.String),
+        row=pl.col("row").cast(pl.Int64),
+        id=pl.col("id"),
+        path=pl.col("relpath"),
+        reason=pl.col(reason),
+        detail=pl.col(detail),
     )
 
 
-def _write_plan(cfg, out, pool, t0, preset, table, folder, accepted, rejects, strays) -> PackResult | list:
-    """One plan: keys by id, folds, shuffled shards, written. A :class:`PackResult`, or the files that changed."""
-    label_rows = table.frame.height
-    accepted.sort(key=lambda rp: rp[0]["id"])
-    n = len(accepted)
-    present = preset.classes_present
-    y = np.array([[row[c] or 0 for c in CLASSES] for row, _ in accepted], dtype=np.uint8)
+def _resolve_rows(table: LabelTable, folder: ImageFolder, preset) -> tuple[pl.DataFrame, list[pl.DataFrame], int]:
+    """Each label row that fits, with its file under --images (``relpath`` replaced by the file's, ``file`` and
+    ``ident`` its scan row and identity); the rejects; the number of files no row names (rejected as strays)."""
+    frame = table.frame
+    # A file named by a row counts as labelled even when the row itself is rejected (it is not a stray).
+    active = (frame["reason"] != "unsafe_path").fill_null(True)
+    res = folder.resolve_rows(frame["relpath"], active, preset)
+    frame = frame.with_columns(res.select(file="file", _claimed="claimed", _reason="reason", _detail="detail"))
+    ok = pl.col("reason").is_null()
+    rejects = [
+        _rejects(frame.filter(~ok), "label_row"),
+        _rejects(frame.filter(ok & pl.col("_reason").is_not_null()), "label_row", reason="_reason", detail="_detail"),
+    ]
+    files = folder.table.select("file", "ident", _path="relpath")
+    candidates = (
+        frame.filter(ok & pl.col("_reason").is_null())
+        .drop("_claimed", "_reason", "_detail", "reason", "detail")
+        .join(files, on="file", how="left", maintain_order="left")
+        .with_columns(relpath=pl.col("_path"))
+        .drop("_path")
+    )
+    strays = folder.table.filter(~pl.col("file").is_in(frame["_claimed"].drop_nulls().implode()))
+    rejects.append(
+        strays.select(
+            source=pl.lit("image_file"),
+            row=pl.lit(None, dtype=pl.Int64),
+            id=pl.lit(None, dtype=pl.String),
+            path=pl.col("relpath"),
+            reason=pl.lit("no_label_row"),
+            detail=pl.lit("no label row names this file"),
+        )
+    )
+    return candidates, rejects, strays.height
+
+
+def _check_files(folder: ImageFolder, candidates: pl.DataFrame, cfg: PackConfig, pool, spool_dir: Path, rejects):
+    """Read and check every file the rows name, each file once (rows naming the same file, through another spelling
+    or a link, share its result). Returns the rows whose image passed, with the check's columns; rejects the rest."""
+    files = candidates.unique("ident", keep="first", maintain_order=True).select("ident", "relpath")
+    files = files.join(folder.table.select("file", "size", "mtime_ns"), left_on="ident", right_on="file", how="left",
+                       maintain_order="left").with_row_index("probe")  # fmt: skip
+    probes, spools = _probe(folder, files, cfg, pool, spool_dir)
+    rows = candidates.join(files.select("ident", "probe"), on="ident", how="left", maintain_order="left")
+    rows = rows.join(probes, on="probe", how="left", maintain_order="left")
+    rejects.append(_rejects(rows.filter(pl.col("reason").is_not_null()), "label_row"))
+    return rows.filter(pl.col("reason").is_null()).drop("reason", "detail", "probe", "file", "ident"), spools
+
+
+def _imap(pool: ProcessPoolExecutor | None, fn, args: Iterator[tuple], window: int) -> Iterator:
+    """``fn(*a)`` for each of ``args``, in order, at most ``window`` submitted at a time (``pool.map`` would submit,
+    and hold, every task at once)."""
+    if pool is None:
+        yield from (fn(*a) for a in args)
+        return
+    pending: deque = deque()
+    for a in args:
+        pending.append(pool.submit(fn, *a))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _probe(folder: ImageFolder, files: pl.DataFrame, cfg: PackConfig, pool, spool_dir: Path):
+    """The check's columns (:data:`PROBE_SCHEMA` and ``spool``, a number) for each file, by ``probe``, and the spool
+    files by number: what will be stored of each accepted image lies in them."""
+    root = str(folder.root)
+    options = ProbeOptions(cfg.resize, cfg.check, cfg.max_pixels, cfg.quality, str(spool_dir))
+    chunks = (
+        (root, start, c["relpath"].to_list(), list(zip(c["size"].to_list(), c["mtime_ns"].to_list(), strict=True)),
+         options)
+        for start in range(0, files.height, PROBE_CHUNK)
+        for c in (files.slice(start, PROBE_CHUNK),)
+    )  # fmt: skip
+    spools: dict[str, int] = {}
+    frames = []
+    with tqdm(total=files.height, desc="check images", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
+        for spool, cols in _imap(pool, probe_chunk, chunks, window=4 * max(1, cfg.workers or os.cpu_count() or 1)):
+            df = pl.DataFrame(cols, schema=PROBE_SCHEMA)
+            frames.append(df.with_columns(spool=pl.lit(spools.setdefault(spool, len(spools)), dtype=pl.Int32)))
+            bar.update(df.height)
+    frame = pl.concat(frames, rechunk=True) if frames else pl.DataFrame(schema={**PROBE_SCHEMA, "spool": pl.Int32})
+    return frame, tuple(sorted(spools, key=spools.get))
+
+
+def _plan_and_write(cfg, out, pool, t0, preset, table, label_rows, work, spools, rejects, n_strays) -> PackResult:
+    """Keys by id, folds, shuffled shards for the accepted rows (``work["accepted"]``), then the shards and the
+    outputs."""
+    accepted = work.pop("accepted")
+    rejects = pl.concat(rejects, how="vertical_relaxed")
+    by_reason = dict(sorted(rejects["reason"].value_counts().iter_rows()))
+    if accepted.height == 0:
+        raise PackError(
+            f"nothing could be packed from {cfg.labels} and {cfg.images}: {label_rows} label rows, "
+            f"{n_strays} unlabelled files; rejected: {by_reason}. "
+            f"Check --preset (now {cfg.preset!r}) and --images."
+        )
+    accepted = accepted.drop("row").sort("id", maintain_order=True)
+    n = accepted.height
+    y = accepted.select(CLASSES).fill_null(0).to_numpy().astype(np.uint8)
     groups = None
-    if any(row["group"] is not None for row, _ in accepted):
-        groups = np.array([row["group"] if row["group"] is not None else f"\0{row['id']}" for row, _ in accepted])
+    if accepted["group"].is_not_null().any():
+        groups = accepted.select(pl.coalesce("group", "\0" + pl.col("id")).rank("dense")).to_series().to_numpy()
     try:
         folds = assign_folds(y, k=cfg.folds, seed=cfg.seed, groups=groups)
     except ValueError as exc:
         raise PackError(f"fold assignment for {cfg.labels}: {exc}") from exc
+    del y, groups
     order = shuffle_within_folds(folds, seed=cfg.seed)
-    keys = format_keys(range(n))
-
-    shards: list[tuple[str, int, np.ndarray]] = []  # (relative tar path, fold, sample indices)
+    shards: list[tuple[str, int, int, int]] = []  # (relative tar path, fold, first position in tar order, samples)
+    pos = 0
     for fold, idx in enumerate(order):
         for j, start in enumerate(range(0, len(idx), cfg.shard_samples)):
-            shards.append((f"fold{fold}/{j:06d}.tar", fold, idx[start : start + cfg.shard_samples]))
+            count = min(cfg.shard_samples, len(idx) - start)
+            shards.append((f"fold{fold}/{j:06d}.tar", fold, pos, count))
+            pos += count
+    # The plan: one row per sample in tar order (fold, shard, position), with its key (rank by id) and fold.
+    shard_of = np.repeat(np.arange(len(shards), dtype=np.uint32), [c for *_, c in shards])
+    plan = accepted.with_columns(
+        key=pl.int_range(pl.len()).cast(pl.String).str.zfill(KEY_WIDTH), fold=pl.Series(folds, dtype=pl.Int32)
+    )
+    plan = plan.select(pl.all().gather(np.concatenate(order))).with_columns(
+        shard=pl.Series([s for s, *_ in shards]).gather(shard_of)
+    )
+    del accepted, order, shard_of
+    _remove_stale(out, {s for s, *_ in shards})
+    done, written = _write_shards(cfg, plan, shards, spools, table.metadata_columns, preset.classes_present, pool)
 
-    tasks = _plan_tasks(cfg, folder, accepted, keys, shards, table.metadata_columns, present)
-    _remove_stale(out, {s for s, _, _ in shards})
-    done, written, changed = _write_shards(cfg, tasks, pool)
-    if changed:
-        return changed
-
-    missing = [s for s, _, _ in shards if s not in done]
+    missing = [s for s, *_ in shards if s not in done]
+    conversions = conversion_counts(plan["conversion"])
     base = dict(
         out=out,
         accepted=n,
-        rejected=len(rejects),
-        rejected_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        converted_by_reason=conversion_counts(accepted),
+        rejected=rejects.height,
+        rejected_by_reason=by_reason,
+        converted_by_reason=conversions,
         samples_per_fold=[int((folds == f).sum()) for f in range(cfg.folds)],
         shards=len(shards),
         shards_written=written,
@@ -407,8 +397,8 @@ def _write_plan(cfg, out, pool, t0, preset, table, folder, accepted, rejects, st
             complete=False, bytes=sum(m["bytes"] for m in done.values()), seconds=time.perf_counter() - t0, **base
         )
 
-    assert n + len(rejects) == label_rows + len(strays), "every input is accounted for"
-    manifest = write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays)
+    assert n + rejects.height == label_rows + n_strays, "every input is accounted for"
+    manifest = write_outputs(cfg, preset, table, plan, shards, done, rejects, label_rows, n_strays, conversions)
     return PackResult(
         complete=True,
         bytes=sum(m["bytes"] for m in done.values()),
@@ -416,50 +406,6 @@ def _write_plan(cfg, out, pool, t0, preset, table, folder, accepted, rejects, st
         manifest=manifest,
         **base,
     )
-
-
-def _plan_tasks(cfg, folder, accepted, keys, shards, meta_cols, present):
-    tasks = []
-    for shard, fold, idx in shards:
-        specs = []
-        for i in idx:
-            row, pr = accepted[i]
-            labels = encode_labels([int(row[c] or 0) for c in CLASSES])
-            meta = _sample_json(row, keys[i], fold, pr.plan, meta_cols, present)
-            specs.append(SampleSpec(keys[i], row["relpath"], pr.plan, labels, meta, pr.sha256, pr.size))
-        h = hashlib.sha256()
-        h.update(json.dumps([FORMAT_VERSION, cfg.resize, cfg.quality]).encode())
-        for s, i in zip(specs, idx, strict=True):
-            pr = accepted[i][1]
-            h.update(json.dumps([s.key, s.relpath, pr.size, pr.mtime_ns, pr.sha256, s.labels.hex(), s.meta]).encode())
-        tasks.append(
-            ShardTask(
-                out=str(cfg.out),
-                shard=shard,
-                root=str(folder.root),
-                samples=tuple(specs),
-                resize=cfg.resize,
-                quality=cfg.quality,
-                plan_hash=h.hexdigest(),
-                tmp_suffix=f"node{cfg.node_rank}",
-            )
-        )
-    return tasks
-
-
-def _read_marker(out: Path, task: ShardTask) -> dict | None:
-    """A shard's done-marker if the shard is complete and was written from the same plan."""
-    mpath = marker_path(out, task.shard)
-    try:
-        marker = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    tar = out / task.shard
-    if marker.get("plan_hash") != task.plan_hash or not tar.is_file() or not tar.with_suffix(".idx").is_file():
-        return None
-    if tar.stat().st_size != marker.get("bytes"):
-        return None
-    return marker
 
 
 def _remove_stale(out: Path, planned: set[str]) -> None:
@@ -478,36 +424,54 @@ def _remove_stale(out: Path, planned: set[str]) -> None:
                 p.unlink()
 
 
-def _write_shards(cfg: PackConfig, tasks: list[ShardTask], pool) -> tuple[dict[str, dict], int, list]:
-    """Write this node's shards that are not complete yet; the done-markers by shard, how many were written, and the
-    ``(relpath, detail)`` of source files that changed after their check (their shards are not written)."""
+TASK_COLUMNS = ("key", "id", "group", "relpath", *CLASSES, "size", "mtime_ns", "sha256", "source_format", "width",
+                "height", "conversion", "ext", "spool", "offset", "length")  # fmt: skip
+
+
+def _write_shards(cfg: PackConfig, plan: pl.DataFrame, shards, spools, meta_cols, present, pool):
+    """Write this node's shards that are not complete yet (the workers keep those complete from an earlier run with
+    the same plan); the done-markers by shard and how many shards this run wrote."""
     out = Path(cfg.out)
+    columns = [c for c in dict.fromkeys((*TASK_COLUMNS, *meta_cols))]
+    tasks = (
+        (
+            ShardTask(
+                out=str(out),
+                shard=shard,
+                fold=fold,
+                samples=plan.slice(start, count).select(columns).to_dict(as_series=False),
+                spools=spools,
+                present=present,
+                meta_columns=meta_cols,
+                resize=cfg.resize,
+                quality=cfg.quality,
+                format_version=FORMAT_VERSION,
+                write=gi % cfg.num_nodes == cfg.node_rank,
+                tmp_suffix=f"node{cfg.node_rank}",
+            ),
+        )
+        for gi, (shard, fold, start, count) in enumerate(shards)
+    )
     done: dict[str, dict] = {}
-    changed: list = []
-    todo: list[ShardTask] = []
-    for gi, task in enumerate(tasks):
-        marker = _read_marker(out, task)
-        if marker is not None:
-            done[task.shard] = marker
-        elif gi % cfg.num_nodes == cfg.node_rank:
-            todo.append(task)
-    if done:
-        log.info("resuming: %d of %d shards are complete already", len(done), len(tasks))
-    total = sum(len(t.samples) for t in todo)
+    waiting: dict[str, str] = {}  # shard -> plan hash, for shards other nodes write
+    written = kept = 0
     t0, nbytes = time.perf_counter(), 0
-    with tqdm(total=total, desc="write shards", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
-        results = (write_shard(t) for t in todo) if pool is None else pool.map(write_shard, todo)
-        for marker in results:
-            if "changed" in marker:
-                changed += [tuple(c) for c in marker["changed"]]
-                bar.update(sum(1 for t in todo if t.shard == marker["shard"] for _ in t.samples))
+    window = 2 * max(1, cfg.workers or os.cpu_count() or 1)
+    with tqdm(total=plan.height, desc="write shards", unit="img", disable=not cfg.progress, smoothing=0.1) as bar:
+        for marker in _imap(pool, write_shard, tasks, window):
+            if marker.get("missing"):
+                waiting[marker["shard"]] = marker["plan_hash"]
                 continue
+            was_kept = bool(marker.pop("kept", False))
+            kept += was_kept
+            written += not was_kept
             done[marker["shard"]] = marker
             nbytes += marker["bytes"]
             bar.update(marker["samples"])
             bar.set_postfix_str(f"{nbytes / 1e6 / max(time.perf_counter() - t0, 1e-9):.1f} MB/s")
-    # Shards other nodes finished meanwhile.
-    for task in tasks:
-        if task.shard not in done and (marker := _read_marker(out, task)) is not None:
-            done[task.shard] = marker
-    return done, len(todo), changed
+    if kept:
+        log.info("resumed: %d of %d shards were complete already", kept, len(shards))
+    for shard, plan_hash in waiting.items():  # shards other nodes finished meanwhile
+        if (marker := read_marker(out, shard, plan_hash)) is not None:
+            done[shard] = marker
+    return done, written

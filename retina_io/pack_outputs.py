@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections import Counter
 from pathlib import Path
 
 import polars as pl
@@ -26,13 +25,31 @@ REJECT_SCHEMA = {
 }
 
 
-def conversion_counts(accepted) -> dict[str, int]:
-    counts = Counter(
-        c.split("=")[0] if c.startswith(("resize", "exif_orientation")) else c
-        for _, pr in accepted
-        for c in pr.plan.conversions
-    )
-    return dict(sorted(counts.items()))
+# What a worker's check gives per file (retina_io.pack_worker.PROBE_COLUMNS), as columns.
+PROBE_SCHEMA = {
+    "probe": pl.UInt32,
+    "reason": pl.String,
+    "detail": pl.String,
+    "size": pl.Int64,
+    "mtime_ns": pl.Int64,
+    "sha256": pl.Binary,
+    "source_format": pl.String,
+    "width": pl.Int32,
+    "height": pl.Int32,
+    "conversion": pl.String,
+    "ext": pl.String,
+    "out_width": pl.Int32,
+    "out_height": pl.Int32,
+    "offset": pl.Int64,
+    "length": pl.Int64,
+}
+
+
+def conversion_counts(conversion: pl.Series) -> dict[str, int]:
+    """Samples per conversion reason (``resize=256`` and ``exif_orientation=6`` counted as their name)."""
+    reasons = conversion.drop_nulls().str.split(",").explode()
+    reasons = reasons.str.replace(r"^(resize|exif_orientation)=.*$", "$1")
+    return dict(sorted((str(k), int(v)) for k, v in reasons.value_counts().iter_rows()))
 
 
 def _parquet_bytes(df: pl.DataFrame) -> bytes:
@@ -41,52 +58,32 @@ def _parquet_bytes(df: pl.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejects, label_rows, strays) -> dict:
+def write_outputs(cfg, preset, table, plan, shards, done, rejects, label_rows, n_strays, conversions) -> dict:
+    """``plan``: one row per sample in tar order (pack.py); ``shards``: ``(path, fold, first row, samples)``."""
     out = Path(cfg.out)
     present = preset.classes_present
     meta_cols = table.metadata_columns
-    # index.parquet in tar order (fold, shard, position).
-    recs = []
-    for shard, fold, idx in shards:
-        stored = done[shard]["stored"]
-        for pos, i in enumerate(idx):
-            row, pr = accepted[i]
-            key, ext, nbytes, width, height = stored[pos]
-            assert key == keys[i], f"{shard}: marker and plan disagree at position {pos}"
-            recs.append(
-                {
-                    "key": key,
-                    "id": row["id"],
-                    "fold": int(fold),
-                    "shard": shard,
-                    **{c: (row[c] if c in present else None) for c in CLASSES},
-                    **{c: row[c] for c in meta_cols},
-                    "group": row["group"],
-                    "path": row["relpath"],
-                    "format": "jpeg" if ext == "jpg" else "png",
-                    "bytes": nbytes,
-                    "width": width,
-                    "height": height,
-                    "conversion": ",".join(pr.plan.conversions) or None,
-                }
-            )
-    schema = {
-        "key": pl.String,
-        "id": pl.String,
-        "fold": pl.Int32,
-        "shard": pl.String,
-        **{c: pl.UInt8 for c in CLASSES},
-        **{c: table.frame.schema[c] for c in meta_cols},
-        "group": pl.String,
-        "path": pl.String,
-        "format": pl.String,
-        "bytes": pl.Int64,
-        "width": pl.Int32,
-        "height": pl.Int32,
-        "conversion": pl.String,
-    }
-    index = pl.DataFrame(recs, schema=schema, orient="row")
-    rej = pl.DataFrame(rejects, schema=REJECT_SCHEMA).sort(["source", "row", "path"], nulls_last=True)
+    offsets = [start for _, _, start, _ in shards]
+    assert offsets == sorted(offsets) and sum(c for *_, c in shards) == plan.height, "the plan is in tar order"
+    index = plan.select(
+        "key",
+        "id",
+        pl.col("fold").cast(pl.Int32),
+        "shard",
+        *[pl.col(c).cast(pl.UInt8) if c in present else pl.lit(None, dtype=pl.UInt8).alias(c) for c in CLASSES],
+        *[pl.col(c).cast(table.frame.schema[c]) for c in meta_cols],
+        pl.col("group").cast(pl.String),
+        path=pl.col("relpath"),
+        format=pl.when(pl.col("ext") == "jpg").then(pl.lit("jpeg")).otherwise(pl.lit("png")),
+        bytes=pl.col("length").cast(pl.Int64),
+        width=pl.col("out_width").cast(pl.Int32),
+        height=pl.col("out_height").cast(pl.Int32),
+        conversion=pl.col("conversion"),
+    )
+    for s, _, _, count in shards:
+        assert done[s]["samples"] == count, f"{s}: its done-marker and the plan disagree"
+    rej = rejects.select(pl.col(c).cast(t) for c, t in REJECT_SCHEMA.items())
+    rej = rej.sort(["source", "row", "path"], nulls_last=True, maintain_order=True)
     index_bytes, rej_bytes = _parquet_bytes(index), _parquet_bytes(rej)
 
     labels = index.select(CLASSES).fill_null(0).to_numpy()
@@ -108,13 +105,13 @@ def write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejec
             "group_column": cfg.group_column or (preset.name if preset.group else None),
         },
         "counts": {
-            "inputs": label_rows + len(strays),
+            "inputs": label_rows + n_strays,
             "label_rows": label_rows,
-            "unlabelled_files": len(strays),
-            "accepted": len(accepted),
-            "rejected": len(rejects),
-            "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-            "converted_by_reason": conversion_counts(accepted),
+            "unlabelled_files": n_strays,
+            "accepted": index.height,
+            "rejected": rej.height,
+            "rejected_by_reason": dict(sorted(rej["reason"].value_counts().iter_rows())),
+            "converted_by_reason": conversions,
             "per_fold": [int((fold_arr == f).sum()) for f in range(cfg.folds)],
             "positives": {c: int(labels[:, j].sum()) for j, c in enumerate(CLASSES) if c in present},
             "positives_per_fold": {
@@ -136,7 +133,7 @@ def write_outputs(cfg, preset, table, accepted, keys, folds, shards, done, rejec
                 "sha256": done[s]["sha256"],
                 "index": s.removesuffix(".tar") + ".idx",
             }
-            for s, f, _ in shards
+            for s, f, _, _ in shards
         ],
     }
     write_atomic(out / "index.parquet", index_bytes)

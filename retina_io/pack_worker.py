@@ -1,4 +1,4 @@
-"""The work one packer process does: check a chunk of images, or write one whole shard.
+"""The work one packer process does: check a chunk of images (and keep what it will store), or write one whole shard.
 
 Kept free of polars and of the planner so that worker processes start fast and hold little memory. A shard is
 written under a temporary name and renamed into place only when complete (``.idx`` first, then ``.tar``, then the
@@ -6,9 +6,14 @@ done-marker in ``.work/``), so a killed run leaves either a whole shard or nothi
 
 Reading (:func:`read_image_file`): only regular files are opened (a named pipe would block, a device would never
 end), without blocking; a file whose size or time differs from what the scan saw, or that changes while it is read,
-is rejected; a file larger than any image within the pixel limit is rejected before it is read. The check reads each
-file once and hashes that buffer (sha256: the image's identity); the shard writer stores only bytes with that same
-hash, so what is stored is what was checked.
+is rejected; a file larger than any image within the pixel limit is rejected before it is read.
+
+Each image is read once (:func:`probe_chunk`): its bytes are checked, hashed (sha256: the image's identity),
+converted if they need to be, and what the shard will hold is appended to this process's spool file
+(``OUT/.work/spool-nodeR/PID.bin``). The shard writer (:func:`write_shard`) copies from the spools, so what is stored
+is exactly what was checked, without reading (or hashing) any source file a second time. The spool is the price of
+the one read: the plan (keys, folds, shards) needs every image's hash first (content duplicates), so no shard can be
+written while the images are read; it holds about the dataset's size until the pack completes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retina_io.fsutil import tmp_path, write_atomic
-from retina_io.imaging import ImagePlan, ImageRejected, max_file_bytes, plan_image, prepare_image
+from retina_io.imaging import ImageRejected, max_file_bytes, plan_image, prepare_image
+from retina_io.schema import CLASSES
 from retina_io.tario import TarShardWriter
 
 
@@ -30,27 +36,31 @@ class ProbeOptions:
     resize: int | None
     check: str
     max_pixels: int
+    quality: int
+    spool_dir: str  # where each process appends the bytes it will store
 
 
-@dataclass(frozen=True)
-class ProbeItem:
-    """One file to check, with what the scan saw of it."""
+# The columns :func:`probe_chunk` returns, one value per file (``reason`` null: accepted).
+PROBE_COLUMNS = ("probe", "reason", "detail", "size", "mtime_ns", "sha256", "source_format", "width", "height",
+                 "conversion", "ext", "out_width", "out_height", "offset", "length")  # fmt: skip
 
-    index: int
-    relpath: str
-    size: int
-    mtime_ns: int
+_spool: dict = {}  # this process's spool: {"path": str, "file": open file}
 
 
-@dataclass(frozen=True)
-class ProbeResult:
-    index: int
-    plan: ImagePlan | None
-    reason: str | None = None
-    detail: str | None = None
-    size: int = -1
-    mtime_ns: int = 0
-    sha256: str | None = None  # of the bytes that were checked
+def _spool_file(spool_dir: str):
+    if _spool.get("dir") != spool_dir or _spool.get("pid") != os.getpid():
+        os.makedirs(spool_dir, exist_ok=True)
+        path = os.path.join(spool_dir, f"{os.getpid()}.bin")
+        _spool.update(dir=spool_dir, pid=os.getpid(), path=path, file=open(path, "ab", buffering=1 << 20))  # noqa: SIM115
+    return _spool["path"], _spool["file"]
+
+
+def close_spool() -> None:
+    """Close this process's spool file (the planner's own, when it checked images itself)."""
+    f = _spool.pop("file", None)
+    if f is not None:
+        f.close()
+    _spool.clear()
 
 
 def read_image_file(path: str, rel: str, *, max_bytes: int, expect: tuple[int, int] | None = None):
@@ -102,48 +112,61 @@ def _unchanged(rel: str, expect: tuple[int, int] | None, st: os.stat_result) -> 
         )
 
 
-def probe_chunk(root: str, items: list[ProbeItem], options: ProbeOptions) -> list[ProbeResult]:
-    """Read and check each item under ``root``; a bad image becomes a reject, never an exception."""
-    out = []
+def probe_chunk(root: str, start: int, relpaths: list[str], expect: list[tuple[int, int]], options: ProbeOptions):
+    """Read, check, hash and (if needed) convert files ``start, start + 1, …`` under ``root``; append what will be
+    stored to this process's spool. Returns ``(spool path, columns)`` with :data:`PROBE_COLUMNS`; a bad image
+    becomes a reject, never an exception."""
+    cols: dict[str, list] = {c: [] for c in PROBE_COLUMNS}
     max_bytes = max_file_bytes(options.max_pixels)
-    for it in items:
+    spool_path, spool = _spool_file(options.spool_dir)
+    offset = spool.tell()
+    for i, (rel, exp) in enumerate(zip(relpaths, expect, strict=True)):
+        row = dict.fromkeys(PROBE_COLUMNS)
+        row["probe"] = start + i
         try:
-            data, st = read_image_file(
-                os.path.join(root, it.relpath), it.relpath, max_bytes=max_bytes, expect=(it.size, it.mtime_ns)
-            )
-        except ImageRejected as exc:
-            out.append(ProbeResult(it.index, None, exc.reason, exc.detail))
-            continue
-        try:
+            data, st = read_image_file(os.path.join(root, rel), rel, max_bytes=max_bytes, expect=exp)
+            row["size"], row["mtime_ns"] = st.st_size, st.st_mtime_ns
             plan = plan_image(data, resize=options.resize, check=options.check, max_pixels=options.max_pixels)
+            try:
+                body, width, height = prepare_image(data, plan, resize=options.resize, quality=options.quality)
+            except Exception as exc:
+                raise ImageRejected("corrupt_image", f"checked, but converting it failed ({exc})") from exc
         except ImageRejected as exc:
-            out.append(ProbeResult(it.index, None, exc.reason, exc.detail, st.st_size, st.st_mtime_ns))
-            continue
-        sha = hashlib.sha256(data).hexdigest()
-        out.append(ProbeResult(it.index, plan, None, None, st.st_size, st.st_mtime_ns, sha))
-    return out
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    key: str
-    relpath: str
-    plan: ImagePlan
-    labels: bytes  # the 11 label bytes
-    meta: str  # the sample's json text
-    sha256: str  # of the bytes that were checked: only those bytes are stored
-    size: int
+            row["reason"], row["detail"] = exc.reason, exc.detail
+        else:
+            row.update(
+                sha256=hashlib.sha256(data).digest(),
+                source_format=plan.source_format,
+                width=plan.width,
+                height=plan.height,
+                conversion=",".join(plan.conversions) or None,
+                ext=plan.ext,
+                out_width=width,
+                out_height=height,
+                offset=offset,
+                length=len(body),
+            )
+            spool.write(body)
+            offset += len(body)
+        for c in PROBE_COLUMNS:
+            cols[c].append(row[c])
+    spool.flush()
+    return spool_path, cols
 
 
 @dataclass(frozen=True)
 class ShardTask:
     out: str  # dataset folder
     shard: str  # e.g. "fold0/000003.tar"
-    root: str  # --images
-    samples: tuple[SampleSpec, ...]
+    fold: int
+    samples: dict  # column -> one value per sample, in tar order (see write_shard)
+    spools: tuple[str, ...]  # spool file paths, by the samples' "spool" number
+    present: tuple[str, ...]  # classes the dataset labels
+    meta_columns: tuple[str, ...]
     resize: int | None
     quality: int
-    plan_hash: str
+    format_version: int
+    write: bool  # this node writes it; otherwise only look for its done-marker
     tmp_suffix: str  # unique per node, so nodes on a shared filesystem never write the same temporary file
 
 
@@ -151,52 +174,86 @@ def marker_path(out: str | Path, shard: str) -> Path:
     return Path(out) / ".work" / (shard.replace("/", "-").removesuffix(".tar") + ".json")
 
 
-def write_shard(task: ShardTask) -> dict:
-    """Write one shard and its ``.idx``; return (and persist) its done-marker.
+def _sample_json(s: dict, j: int, fold: int, present, meta_cols) -> str:
+    doc = {
+        "key": s["key"][j],
+        "id": s["id"][j],
+        "fold": fold,
+        "labels": {c: (s[c][j] if c in present else None) for c in CLASSES},
+        "meta": {c: s[c][j] for c in meta_cols},
+        "source": {
+            "path": s["relpath"][j],
+            "format": s["source_format"][j],
+            "width": s["width"][j],
+            "height": s["height"][j],
+        },  # fmt: skip
+        "conversion": s["conversion"][j].split(",") if s["conversion"][j] else [],
+    }
+    if s["group"][j] is not None:
+        doc["group"] = s["group"][j]
+    return json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
-    A source file whose bytes are no longer those that were checked (another sha256) is not stored: the shard is not
-    written and the result names every such file under ``"changed"`` (the planner rejects them and plans again).
-    """
+
+def _plan_hash(task: ShardTask, metas: list[str], labels: list[bytes]) -> str:
+    """What the shard is made from: a complete shard with the same hash is kept (resume)."""
+    s = task.samples
+    h = hashlib.sha256()
+    h.update(json.dumps([task.format_version, task.resize, task.quality]).encode())
+    for j, meta in enumerate(metas):
+        doc = [s["key"][j], s["relpath"][j], s["size"][j], s["mtime_ns"][j], s["sha256"][j].hex(), labels[j].hex()]
+        h.update(json.dumps([*doc, meta]).encode())
+    return h.hexdigest()
+
+
+def read_marker(out: str | Path, shard: str, plan_hash: str) -> dict | None:
+    """A shard's done-marker if the shard is complete and was written from the same plan."""
+    try:
+        marker = json.loads(marker_path(out, shard).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tar = Path(out) / shard
+    if not isinstance(marker, dict) or marker.get("plan_hash") != plan_hash:
+        return None
+    if not tar.is_file() or not tar.with_suffix(".idx").is_file() or tar.stat().st_size != marker.get("bytes"):
+        return None
+    return marker
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard and its ``.idx`` from the spools; return (and persist) its done-marker. A shard complete from
+    an earlier run of the same plan is kept (its marker is returned with ``"kept": True``); a shard another node
+    writes and that is not complete yet gives ``{"shard", "plan_hash", "missing": True}``."""
+    s = task.samples
+    n = len(s["key"])
+    labels = [bytes(s[c][j] or 0 for c in CLASSES) for j in range(n)]
+    metas = [_sample_json(s, j, task.fold, task.present, task.meta_columns) for j in range(n)]
+    plan_hash = _plan_hash(task, metas, labels)
+    marker = read_marker(task.out, task.shard, plan_hash)
+    if marker is not None:
+        return {**marker, "kept": True}
+    if not task.write:
+        return {"shard": task.shard, "plan_hash": plan_hash, "missing": True}
     tar_path = Path(task.out) / task.shard
-    idx_path = tar_path.with_suffix(".idx")
     tar_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_tar = tmp_path(tar_path, task.tmp_suffix)
+    fds = [os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) for p in task.spools]
     writer = TarShardWriter(tmp_tar)
-    stored, changed = [], []
     try:
-        for s in task.samples:
-            try:
-                data, _ = read_image_file(os.path.join(task.root, s.relpath), s.relpath, max_bytes=s.size)
-                if hashlib.sha256(data).hexdigest() != s.sha256:
-                    raise ImageRejected("file_changed", f"{s.relpath} changed after it was checked; not stored")
-            except ImageRejected as exc:
-                why = exc.detail if exc.reason == "file_changed" else f"{exc.detail} (after it was checked)"
-                changed.append([s.relpath, why])
-                continue
-            if changed:
-                continue  # this shard is not written; only look for other changed files
-            try:
-                body, width, height = prepare_image(data, s.plan, resize=task.resize, quality=task.quality)
-            except Exception as exc:
-                raise RuntimeError(f"{s.relpath}: checked, but converting it failed ({exc})") from exc
-            writer.add(s.key, [(s.plan.ext, body), ("json", s.meta.encode("utf-8")), ("labels", s.labels)])
-            stored.append([s.key, s.plan.ext, len(body), width, height])
-        if changed:
-            writer.abort()
-            return {"shard": task.shard, "changed": changed}
+        for j in range(n):
+            body = os.pread(fds[s["spool"][j]], s["length"][j], s["offset"][j])
+            if len(body) != s["length"][j]:
+                raise RuntimeError(f"spool {task.spools[s['spool'][j]]} ends early: the pack's .work folder changed")
+            writer.add(s["key"][j], [(s["ext"][j], body), ("json", metas[j].encode("utf-8")), ("labels", labels[j])])
         stats = writer.close()
     except BaseException:
         writer.abort()
         raise
-    write_atomic(idx_path, stats.idx, suffix=task.tmp_suffix)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    write_atomic(tar_path.with_suffix(".idx"), stats.idx, suffix=task.tmp_suffix)
     os.replace(tmp_tar, tar_path)
-    marker = {
-        "shard": task.shard,
-        "plan_hash": task.plan_hash,
-        "samples": stats.samples,
-        "bytes": stats.bytes,
-        "sha256": stats.sha256,
-        "stored": stored,
-    }
+    marker = {"shard": task.shard, "plan_hash": plan_hash, "samples": stats.samples, "bytes": stats.bytes,
+              "sha256": stats.sha256}  # fmt: skip
     write_atomic(marker_path(task.out, task.shard), json.dumps(marker, separators=(",", ":")), suffix=task.tmp_suffix)
     return marker

@@ -55,9 +55,9 @@ def scan_photos(folder: Path) -> list[Photo]:
     """Every file under ``folder`` (sorted by relative path), with what the scan saw of it."""
     images = ImageFolder(Path(folder))
     out = []
-    for rel, st in sorted(images.files.items()):
+    for rel, st, link in images.entries():
         problem = None
-        if not images.inside(rel):
+        if link and not images.inside(rel):
             problem = ("unsafe_path", f"{rel} is a link that leads outside --images")
         elif st.mode == 0:
             problem = ("unreadable_file", f"{rel} is a dangling link")

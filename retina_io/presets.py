@@ -352,7 +352,10 @@ def read_labels(
             "--label-columns."
         )
     # Rows whose field count differs from the header's: rejected before their values are read (ragged_row).
-    ragged = pl.Series("_ragged", [table.ragged.get(i) for i in range(df.height)], dtype=pl.String)
+    ragged = pl.Series("_ragged", [None], dtype=pl.String).extend_constant(None, df.height - 1)
+    if table.ragged:
+        at = sorted(table.ragged)
+        ragged = ragged.scatter(at, [table.ragged[i] for i in at])
     df = df.with_row_index("row", offset=1).with_columns(ragged)
 
     id_raw = pl.col(preset.id_column).str.strip_chars()
@@ -375,8 +378,8 @@ def read_labels(
     if preset.path_column:
         name_expr = pl.col(preset.path_column).str.strip_chars()
     else:
-        ids = frame["id"].to_list()
-        frame = frame.with_columns(pl.Series("_name", [None if i is None else preset.file_name(i) for i in ids]))
+        names = frame["id"].map_elements(preset.file_name, return_dtype=pl.String, skip_nulls=True)
+        frame = frame.with_columns(names.alias("_name"))
         name_expr = pl.col("_name")
     frame = frame.with_columns(relpath=name_expr.str.replace_all("\\\\", "/"))
     frame = frame.with_columns(path_problem=_unsafe_problem(pl.col("relpath")))

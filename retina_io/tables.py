@@ -29,6 +29,8 @@ import polars as pl
 from retina_io.errors import RetinaError
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
+CHUNK_ROWS = 1 << 16  # records parsed into Python strings before they become columns
+HEAD_BYTES = 1 << 20  # bytes decoded to find the header line
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _BOMS = (  # longest first: the UTF-32-LE mark starts with the UTF-16-LE one
     (codecs.BOM_UTF32_LE, "utf-32-le", "UTF-32 (little-endian)"),
@@ -64,14 +66,38 @@ def read_table(path: Path) -> Table:
         table = Table(df, encoding="parquet")
         _check_names(path, table.frame.columns)
     elif suffix in TEXT_SUFFIXES:
-        text, encoding = decode_text(path.read_bytes(), path)
-        table = parse_text(text, path, "\t" if suffix == ".tsv" else ",")
+        raw = path.read_bytes()
+        codec, encoding, skip = text_codec(raw, path)
+        stream = io.BytesIO(raw)
+        stream.seek(skip)
+        first = raw[skip : skip + HEAD_BYTES].decode(codec, errors="ignore")  # the header line, for the separator
+        try:  # decoded while parsed: the text is never held whole (nor as a StringIO of 4 bytes per character)
+            table = parse_stream(io.TextIOWrapper(stream, encoding=codec, newline=""), first, path,
+                                 "\t" if suffix == ".tsv" else ",")  # fmt: skip
+        except UnicodeDecodeError:
+            decode_text(raw, path)  # raises the error that names the line
+            raise
         table.encoding = encoding
     else:
         raise TableError(f"labels file {path}: unknown table type {suffix!r}; use .csv, .tsv or .parquet")
     if table.frame.height == 0:
         raise TableError(f"labels file {path} has a header but no data rows")
     return table
+
+
+def text_codec(raw: bytes, path: Path) -> tuple[str, str, int]:
+    """The codec of a table file's bytes, the encoding in words and the length of its byte-order mark (see the module
+    docstring); a file that is no text is a :class:`TableError`."""
+    for bom, codec, name in _BOMS:
+        if raw.startswith(bom):
+            return codec, name, len(bom)
+    head = raw[:4096]
+    if b"\x00" in head:
+        codec = _utf16_without_bom(head)
+        if codec is None:
+            decode_text(raw, path)  # raises
+        return codec, f"{codec.upper()} without a byte-order mark", 0
+    return "utf-8", "UTF-8", 0
 
 
 def decode_text(raw: bytes, path: Path) -> tuple[str, str]:
@@ -123,10 +149,16 @@ def _separator(header: str, default: str) -> str:
 
 def parse_text(text: str, path: Path, default_separator: str = ",") -> Table:
     """Parse CSV text strictly (see the module docstring)."""
-    first = text.lstrip("\r\n").split("\n", 1)[0]
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_separator(first, default_separator))
+    return parse_stream(io.StringIO(text, newline=""), text, path, default_separator)
+
+
+def parse_stream(stream, head: str, path: Path, default_separator: str = ",") -> Table:
+    """Parse CSV text from ``stream`` (opened with ``newline=""``) strictly; ``head``: its beginning (the header)."""
+    first = head.lstrip("\r\n").split("\n", 1)[0]
+    reader = csv.reader(stream, delimiter=_separator(first, default_separator))
     header: list[str] | None = None
     columns: list[list[str | None]] = []
+    chunks: list[pl.DataFrame] = []  # every CHUNK_ROWS records become columns: no Python object per value survives
     ragged: dict[int, str] = {}
     rows = 0
     try:
@@ -147,12 +179,19 @@ def parse_text(text: str, path: Path, default_separator: str = ",") -> Table:
             for col, value in zip(columns, record, strict=True):
                 col.append(value if value != "" else None)
             rows += 1
+            if rows % CHUNK_ROWS == 0:
+                chunks.append(_chunk(header, columns))
+                columns = [[] for _ in header]
     except csv.Error as exc:
         raise TableError(f"labels file {path}: line {reader.line_num} cannot be parsed as CSV ({exc})") from None
     if header is None:
         raise TableError(f"labels file {path} is empty (no header line)")
-    frame = pl.DataFrame({n: c for n, c in zip(header, columns, strict=True)}, schema={n: pl.String for n in header})
-    return Table(frame, ragged)
+    chunks.append(_chunk(header, columns))
+    return Table(pl.concat(chunks, rechunk=True), ragged)
+
+
+def _chunk(header: list[str], columns: list[list[str | None]]) -> pl.DataFrame:
+    return pl.DataFrame(dict(zip(header, columns, strict=True)), schema=dict.fromkeys(header, pl.String))
 
 
 def _names(path: Path, header: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ naming the member, which readers turn into a ``DatasetError`` naming the shard.
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import tarfile
 from collections.abc import Iterator
@@ -91,38 +90,72 @@ class ShardStats:
     members: list[tuple[str, int, int]] = field(default_factory=list)  # (name, data offset, size)
 
 
+def _header_template(ext: str) -> bytes:
+    """The ustar header tarfile writes for a member ``KEY.EXT`` of size 0 with the fixed metadata (built by tarfile
+    itself, so the bytes are exactly what it writes)."""
+    info = tarfile.TarInfo("0" * KEY_WIDTH + "." + ext)
+    info.size = 0
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_TEMPLATES: dict[str, bytes] = {}
+
+
+def member_header(name: str, size: int) -> bytes:
+    """tarfile's ustar header for the member ``name`` (``KEY.EXT``, under 100 bytes) of ``size`` bytes: the template
+    of its extension with the name, the size and the checksum filled in (tarfile's own header code costs more than
+    writing the member)."""
+    ext = name.partition(".")[2]
+    template = _TEMPLATES.get(ext)
+    if template is None:
+        template = _TEMPLATES[ext] = _header_template(ext)
+    buf = bytearray(template)
+    raw = name.encode("ascii")
+    buf[0:100] = raw + bytes(100 - len(raw))
+    buf[124:136] = b"%011o\0" % size
+    buf[148:156] = b"        "  # the checksum counts its own field as spaces
+    buf[148:155] = b"%06o\0" % sum(buf)
+    return bytes(buf)
+
+
 class TarShardWriter:
-    """Write samples (lists of ``(extension, bytes)`` under one key) into one tar; :meth:`close` gives the stats."""
+    """Write samples (lists of ``(extension, bytes)`` under one key) into one tar; :meth:`close` gives the stats.
+
+    The bytes are exactly what ``tarfile`` writes in ustar format (headers from :func:`member_header`, data padded to
+    512-byte blocks, two zero blocks and padding to a 10240-byte record at the end), written directly."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._raw = open(self.path, "wb", buffering=4 << 20)  # noqa: SIM115 - closed in close(); large writes
         self._hw = _HashingWriter(self._raw)
-        self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._lines: list[str] = []
         self._members: list[tuple[str, int, int]] = []
 
     def add(self, key: str, components: list[tuple[str, bytes]]) -> None:
-        if not key or "." in key or "/" in key:
-            raise ValueError(f"a sample key must be non-empty without dots or slashes; got {key!r}")
+        if not key or "." in key or "/" in key or len(key) > 80 or not key.isascii():
+            raise ValueError(f"a sample key must be non-empty ASCII without dots or slashes; got {key!r}")
         parts = []
         for ext, data in components:
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
             offset = self._hw.tell() + BLOCK  # ustar: one header block for names under 100 bytes
-            self._tar.addfile(info, io.BytesIO(data))
+            header, pad = member_header(name, len(data)), bytes(-len(data) % BLOCK)
+            if len(data) < 1 << 16:
+                self._hw.write(header + data + pad)  # one write (and hash update) for a small member
+            else:
+                for part in (header, data, pad):
+                    self._hw.write(part)
             parts.append(f"{ext} {offset} {len(data)} {name}")
             self._members.append((name, offset, len(data)))
         self._lines.append(" ".join(parts))
 
     def close(self) -> ShardStats:
-        self._tar.close()
+        end = self._hw.tell() + 2 * BLOCK
+        self._hw.write(bytes(2 * BLOCK + (-end % tarfile.RECORDSIZE)))
         self._raw.close()
         idx = f"{IDX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
         return ShardStats(len(self._lines), self._hw.pos, self._hw.sha.hexdigest(), idx, self._members)
