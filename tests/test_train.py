@@ -424,7 +424,8 @@ BAD_OPTIONS = [
     (["--set", "data.grad_accum=7"], "data.grad_accum 7 is more than the 6 batches of an epoch of fold 0"),
     (["--set", "optim.warmup_epochs=-1"], "optim.warmup_epochs must be >= 0"),
     (["--set", "train.log_interval=0"], "train.log_interval must be >= 1"),
-    (["--set", "train.zero_stage=5"], "train.zero_stage must be 0, 1, 2 or 3"),
+    (["--set", "train.zero_stage=3"], "train.zero_stage must be 0, 1 or 2"),
+    (["--set", "train.overlap_comm=true"], "train.overlap_comm needs train.zero_stage 1 or 2"),
     (["--set", "data.augment.hflip=2"], "data.augment.hflip must be in [0, 1]"),
     (["--backbone", "tiny_vit", "--image-size", "50"], "(data.image_size) 50: tiny_vit cannot take 50 x 50 inputs"),
 ]
