@@ -249,7 +249,8 @@ def goals(per_n: list[dict], workers: int) -> dict:
         rss_gb = (big["pack_peak_rss_mb"] + max(slope, 0.0) * (1_000_000 - big["n"])) / 1e3
     costs = [f["pack_us_per_image"] for f in per_n]
     flat = max(costs) / min(costs)
-    verify_mb_s = min(f["verify_mb_per_s"] for f in per_n)
+    slowest = min(per_n, key=lambda f: f["verify_mb_per_s"])
+    verify_mb_s = slowest["verify_mb_per_s"]
     g = {
         "pack_peak_rss_gb_at_1m": (rss_gb, RSS_GOAL_GB, RSS_GOAL_GB / rss_gb, 1_000_000, "<="),
         "pack_cost_flatness": (flat, FLAT_GOAL, FLAT_GOAL / flat, big["n"], "<="),
@@ -257,7 +258,7 @@ def goals(per_n: list[dict], workers: int) -> dict:
                                       at_100k["pack_vs_shardwriter_check"] / CHECK_GOAL, at_100k["n"], ">="),
         "pack_vs_shardwriter_nocheck": (at_100k["pack_vs_shardwriter_nocheck"], NOCHECK_GOAL,
                                         at_100k["pack_vs_shardwriter_nocheck"] / NOCHECK_GOAL, at_100k["n"], ">="),
-        "verify_mb_per_s": (verify_mb_s, VERIFY_GOAL_MB_S, verify_mb_s / VERIFY_GOAL_MB_S, big["n"], ">="),
+        "verify_mb_per_s": (verify_mb_s, VERIFY_GOAL_MB_S, verify_mb_s / VERIFY_GOAL_MB_S, slowest["n"], ">="),
     }  # fmt: skip
     return {
         name: {"value": _sig(v), "goal": goal, "direction": d, "fraction": _sig(frac), "met": frac >= 1.0,
