@@ -230,10 +230,10 @@ class Trainer:
                                     precision=s.precision)  # fmt: skip
         groups = param_groups(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, layer_decay=s.layer_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-        if s.channels_last:
-            to_channels_last(self.engine, cfg.train.zero_stage)
         if cfg.train.compile and s.device == "cuda":
             self.engine.compile()
+        if s.channels_last:  # after initialize (see to_channels_last); compile traces at the first forward
+            to_channels_last(self.engine, cfg.train.zero_stage)
         device = self.engine.device
         self.pos_weight = _pos_weight(self.dataset, self.train_folds).to(device) if cfg.optim.pos_weight else None
         self.known = torch.tensor(known, dtype=torch.float32, device=device)
