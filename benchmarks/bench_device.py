@@ -171,7 +171,7 @@ def part_train(ctx: Context) -> dict:
                                            loader_only=False)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - out of memory in one backbone must not lose the others
             r = {"backbone": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            bench_train.free()
+        bench_train.free()  # outside the except block: its traceback no longer holds the failed step's tensors
         r["seconds"] = round(time.perf_counter() - t0, 1)
         result["backbones"][name] = r
         _save(ctx, result)
@@ -366,7 +366,7 @@ class DeviceReport:
                     continue
                 lines.append(f"| {b} | {r['image_size']} | {r['batch']} | {'yes' if r['channels_last'] else 'no'} | "
                              f"{_f(r['ceiling_images_per_s'])} | {_f(r['fed_images_per_s'])} | {r['ratio']:.3f} | "
-                             f"{r['train_gflop_per_image']:.1f} | {_f(r.get('mfu_model'), '.1%')} | "
+                             f"{_f(r.get('train_gflop_per_image'), '.1f')} | {_f(r.get('mfu_model'), '.1%')} | "
                              f"{_f(r.get('mfu_fed'), '.1%')} |")  # fmt: skip
         if res["stack"]:
             s = res["stack"]

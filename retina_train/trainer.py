@@ -153,6 +153,19 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def to_channels_last(engine, zero_stage: int) -> None:
+    """Channels-last weights for a CNN on a GPU, after ``deepspeed.initialize``, never before: DeepSpeed's initial
+    broadcast views every parameter as bytes (``p.data.view(torch.uint8)``), which a channels-last conv weight refuses
+    ("stride(-1) must be 1"), so a model converted before ``initialize`` never starts. At ZeRO stage 0 the optimizer
+    holds the parameters themselves and ``Module.to(memory_format=...)`` keeps them (it replaces their ``.data``). At
+    stages 1-2 they are views into ZeRO's flat buffers, which a conversion would cut off from the updates: the weights
+    stay NCHW there (the batches are still channels-last, and convolutions follow their input's layout)."""
+    if zero_stage == 0:
+        engine.module.to(memory_format=torch.channels_last)
+    else:
+        log.info("ZeRO stage %d: weights stay NCHW (channels-last batches only)", zero_stage)
+
+
 # ----------------------------------------------------------------------------------------------- one fold
 @dataclass
 class FoldState:
@@ -205,8 +218,6 @@ class Trainer:
             pretrained_file=Path(cfg.model.pretrained_file) if cfg.model.pretrained_file else None,
             drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate,
         )  # fmt: skip
-        if s.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         loaders = dict(rank=self.rank, world=self.world)
         self.train_loader = build_loader(loader_config(cfg, s, model, folds=self.train_folds, mode="train",
                                                        seed=cfg.train.seed + 1000 * self.fold, **loaders))  # fmt: skip
@@ -220,6 +231,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         if cfg.train.compile:  # on the CPU too: 1.2-1.5x per step measured there (benchmarks/RESULTS.md)
             self.engine.compile()
+        if s.channels_last:  # after initialize (see to_channels_last); compile traces at the first forward
+            to_channels_last(self.engine, cfg.train.zero_stage)
         device = self.engine.device
         self.pos_weight = _pos_weight(self.dataset, self.train_folds).to(device) if cfg.optim.pos_weight else None
         self.known = torch.tensor(known, dtype=torch.float32, device=device)

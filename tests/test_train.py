@@ -398,6 +398,33 @@ def test_precision_is_honoured(small, tmp_path, precision):
     assert torch.isfinite(loss)
 
 
+def test_channels_last_cnn_starts_and_trains(small, tmp_path, monkeypatch):
+    """A CNN on a GPU trains channels-last (settings.channels_last; forced here on the CPU). DeepSpeed's initialize
+    refused such weights ("stride(-1) must be 1 to view Float as Byte"): every CNN run on a GPU failed at its start."""
+    import dataclasses
+
+    import torch
+
+    from retina_train import settings
+
+    real = settings.resolve_settings
+    monkeypatch.setattr(
+        settings, "resolve_settings", lambda cfg, device: dataclasses.replace(real(cfg, device), channels_last=True)
+    )
+    trainer = _trainer(small, tmp_path)
+    conv = next(m for m in trainer.engine.module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    before = conv.weight.detach().clone()
+    batches = trainer.train_loader.iter_epoch(0)
+    for _ in range(3):  # the warmup's first two steps run at lr 0
+        batch = next(batches)
+        assert batch.images.is_contiguous(memory_format=torch.channels_last), "the loader delivers NHWC batches"
+        loss = trainer.loss(trainer.engine(batch.images), batch.labels, batch.keys)
+        trainer.engine.backward(loss)
+        trainer.engine.step()
+    assert torch.isfinite(loss) and not torch.equal(before, conv.weight.detach()), "the optimizer trains the weights"
+
+
 def test_precision_auto_resolves_per_device_once():
     from retina_train.config import resolve_config
     from retina_train.settings import resolve_settings
