@@ -16,8 +16,9 @@ predictions over a small synthetic set; and a folder of procedural 512 px fundus
 (c) the same plain loop, batched (:data:`PLAIN_BATCH` photographs per forward): reported for reference.
 
 Same photographs, same models, same torch threads (``torch.get_num_threads()``, one process for (b) and (c); (a)
-prepares photographs in ``--workers`` processes as ``retina-predict`` does). Each side is timed ``repeats`` times and
-the fastest run counts (model loading included on both sides). ``ratio`` = (a) / (b); goal >= 3 on the CPU.
+prepares photographs in ``--workers`` processes as ``retina-predict`` does). ``repeats`` rounds, each running every
+side once in turn; each side's fastest run counts (model loading included on both sides).
+``ratio`` = (a) / (b); goal >= 3 on the CPU.
 """
 
 from __future__ import annotations
@@ -136,13 +137,16 @@ def retina_predict(bundle: Path, images: Path, out: Path, *, workers: int) -> in
     return result.predictions.height
 
 
-def _fastest(fn, repeats: int) -> tuple[float, object]:
-    best, value = float("inf"), None
+def _fastest(fns: dict, repeats: int) -> dict:
+    """``{name: (fastest seconds, value)}`` over ``repeats`` rounds; each round runs every ``fns`` entry once, in
+    turn, so that a change of load on a shared machine hits every side alike."""
+    best = {name: (float("inf"), None) for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        value = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, value
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            value = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - t0), value)
+    return best
 
 
 def run(*, quick: bool = False, workers: int = 2, cache: Path | None = None, n: int | None = None,
@@ -160,9 +164,10 @@ def run(*, quick: bool = False, workers: int = 2, cache: Path | None = None, n: 
     photos = sorted(images.glob("*.jpg"))
     out = cache / "predict-out"
 
-    t_ours, predicted = _fastest(lambda: retina_predict(bundle, images, out, workers=workers), repeats)
-    t_plain, probs = _fastest(lambda: plain_loop(bundle, photos, batch=1), repeats)
-    t_batched, probs_batched = _fastest(lambda: plain_loop(bundle, photos, batch=PLAIN_BATCH), repeats)
+    timed = _fastest({"ours": lambda: retina_predict(bundle, images, out, workers=workers),
+                      "plain": lambda: plain_loop(bundle, photos, batch=1),
+                      "batched": lambda: plain_loop(bundle, photos, batch=PLAIN_BATCH)}, repeats)  # fmt: skip
+    (t_ours, predicted), (t_plain, probs), (t_batched, probs_batched) = timed.values()
     assert predicted == len(photos) == len(probs) == len(probs_batched), (predicted, len(photos), len(probs))
     fold_models = len(backbones) * folds
     threads = torch.get_num_threads()

@@ -208,7 +208,10 @@ class BackboneRun:
         """The run's loader config for ``model`` (its mean/std; None: the backbone's, read from a weightless copy on
         PyTorch's ``meta`` device), see :func:`retina_train.settings.loader_config`."""
         if model is None:
-            with torch.device("meta"):
+            try:
+                with torch.device("meta"):
+                    model = create_backbone(self.cfg.model.backbone, image_size=self.cfg.data.image_size)
+            except NotImplementedError:  # an operation without a meta kernel: build it for real (only read here)
                 model = create_backbone(self.cfg.model.backbone, image_size=self.cfg.data.image_size)
         return loader_config(self.cfg, self.settings, model, **fields)
 
