@@ -210,3 +210,24 @@ def test_allow_partial_says_so(trained, tmp_path, capsys, caplog):
                                          out=tmp_path / "whole", bootstrap=0))  # fmt: skip
     assert whole.partial is False and json.loads((tmp_path / "whole" / "summary.json").read_text())["partial"] is False
     assert "mean of all its fold models" in (tmp_path / "whole" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "a folder"])
+def test_damaged_fold_model_is_one_line(trained, tmp_path, capsys, damage):
+    """A fold model that is not a safetensors file of its backbone (cut short, overwritten, a folder) gave a traceback
+    from safetensors; now one line naming the file."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained / "runs", runs, ignore=shutil.ignore_patterns("eval"))
+    bad = runs / "tiny_resnet" / "fold1" / "best.safetensors"
+    bad.unlink()
+    if damage == "garbage":
+        bad.write_bytes(b"not a safetensors file")
+    else:
+        bad.mkdir()
+    argv = ["--runs", str(runs), "--data", str(trained / "shards" / "aptos"), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--bootstrap", "0"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"retina-eval: error: {bad} is not usable weights of tiny_resnet") and err.count("\n") == 1
