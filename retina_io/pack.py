@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from retina_io.dataset import FORMAT_VERSION
 from retina_io.errors import RetinaError
 from retina_io.folds import assign_folds, shuffle_within_folds
-from retina_io.fsutil import TMP_MARK
+from retina_io.fsutil import TMP_MARK, require_out_folder
 from retina_io.identity import split_duplicates
 from retina_io.imaging import DEFAULT_MAX_PIXELS
 from retina_io.pack_outputs import PROBE_SCHEMA, conversion_counts, write_outputs
@@ -116,13 +116,17 @@ def _validate(cfg: PackConfig) -> None:
         raise PackError(f"--quality must be in 1..100; got {cfg.quality}")
     if not 1 <= cfg.max_pixels <= Image.MAX_IMAGE_PIXELS:
         raise PackError(f"--max-pixels must be in 1..{Image.MAX_IMAGE_PIXELS}; got {cfg.max_pixels}")
+    if cfg.num_nodes < 1:
+        raise PackError(f"--num-nodes must be >= 1; got {cfg.num_nodes}")
     if not 0 <= cfg.node_rank < cfg.num_nodes:
-        raise PackError(f"--node-rank must be in 0..{cfg.num_nodes - 1}; got {cfg.node_rank}")
+        raise PackError(f"--node-rank must be in 0..{cfg.num_nodes - 1} (--num-nodes {cfg.num_nodes}); "
+                        f"got {cfg.node_rank}")  # fmt: skip
+    if cfg.workers is not None and cfg.workers < 1:
+        raise PackError(f"--workers must be >= 1; got {cfg.workers}")
     if not Path(cfg.images).is_dir():
         raise PackError(f"--images {cfg.images} is not a folder")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise PackError(f"--out {out} exists and is not a folder")
+    require_out_folder(out, PackError)
     if out.is_dir():
         ours = {"manifest.json", "index.parquet", "rejects.parquet", ".work"}
         foreign = [

@@ -14,9 +14,25 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from retina_io.dataset import PackedDataset
+from retina_io.errors import RetinaError, at_least, check_rules
+from retina_io.fsutil import require_out_file
 from retina_io.loader import LoaderConfig, LoaderSettings, build_loader
 from retina_io.schema import CLASSES, format_key
 from retina_io.synth import caption_font
+
+
+class PreviewError(RetinaError, ValueError):
+    """A preview that cannot be drawn as asked (an option out of range, an unusable ``--out``)."""
+
+
+def parse_folds(spec: str | None) -> tuple[int, ...] | None:
+    """``--folds 0,2`` as a tuple (None: all folds); a PreviewError naming the value when it is not such a list."""
+    if spec is None:
+        return None
+    parts = [p.strip() for p in str(spec).split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise PreviewError(f"--folds must be a list of fold numbers like 0,2; got {spec!r}")
+    return tuple(int(p) for p in parts)
 
 
 def write_batch_preview(
@@ -31,9 +47,15 @@ def write_batch_preview(
     seed: int = 0,
 ) -> Path:
     """Draw the first batch of ``n`` samples the loader yields with ``settings`` (a run's ``data`` section, or the
-    defaults: backend, threads, shuffle buffer, local contrast, augmentations) into the PNG ``out``."""
-    ds = PackedDataset.open(data)
+    defaults: backend, threads, shuffle buffer, local contrast, augmentations) into the PNG ``out``. The options and
+    ``out`` are checked before the dataset is read (a PreviewError naming the first that is wrong)."""
     settings = settings if settings is not None else LoaderSettings()
+    contrast = settings.local_contrast
+    check_rules([at_least("--n", n, 1), at_least("--image-size", image_size, 8),
+                 (0 <= contrast <= 0.5, f"--local-contrast must be in [0, 0.5] (0: off); got {contrast}")],
+                PreviewError)  # fmt: skip
+    require_out_file(Path(out), PreviewError)
+    ds = PackedDataset.open(data)
     cfg = LoaderConfig.from_settings(
         settings, data=Path(data), folds=folds if folds is not None else range(ds.k), mode=mode,
         image_size=image_size, batch_size=n, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed=seed,

@@ -105,9 +105,9 @@ def _preview(args: argparse.Namespace) -> int:
     import dataclasses
 
     from retina_io.loader import LoaderSettings
-    from retina_io.preview import write_batch_preview
+    from retina_io.preview import parse_folds, write_batch_preview
 
-    folds = tuple(int(f) for f in args.folds.split(",")) if args.folds else None
+    folds = parse_folds(args.folds)
     settings, image_size = LoaderSettings(), 224
     if args.run is not None:  # a run's config, read as training reads it (retina_train sits above retina_io)
         from retina_train.config import read_run_config
@@ -117,7 +117,8 @@ def _preview(args: argparse.Namespace) -> int:
     chosen = {"backend": args.backend, "local_contrast": args.local_contrast}
     settings = dataclasses.replace(settings, **{k: v for k, v in chosen.items() if v is not None})
     path = write_batch_preview(args.folder, args.out, mode=args.mode, n=args.n, folds=folds, seed=args.seed,
-                               image_size=args.image_size or image_size, settings=settings)  # fmt: skip
+                               image_size=image_size if args.image_size is None else args.image_size,
+                               settings=settings)  # fmt: skip
     print(f"wrote {path}")
     return 0
 

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from retina_io.cli import console_main, setup_logging
 from retina_io.dataset import PackedDataset
 from retina_io.errors import RetinaError
-from retina_io.fsutil import tmp_path
+from retina_io.fsutil import require_out_folder, tmp_path
 from retina_io.schema import CLASSES, split_feature_name
 from retina_train.config import RunConfig, from_dict, to_dict
 
@@ -254,6 +254,7 @@ def export_bundle(cfg: ExportConfig) -> Bundle:
     out = Path(cfg.out)
     if out.exists():
         raise BundleError(f"--out {out} exists; choose a new folder (a bundle is written whole, never into another)")
+    require_out_folder(out, BundleError)
     stack_dir = Path(cfg.stack) if cfg.stack else Path(cfg.runs) / "stack"
     try:
         meta = load_meta_learner(stack_dir)

@@ -4,8 +4,10 @@ Stages: generate a SynFundus-layout dataset (``retina-synth``) -> pack it into 5
 -> train one backbone of each of the six families on all folds through the real DeepSpeed engine (tiny stand-ins by
 default, the paper's six with ``--backbones paper``) -> stack the out-of-fold probabilities with XGBoost (nested CV)
 -> generate a second, external dataset in the RFMiD layout (its own seed), pack it with the ``rfmid`` preset and
-evaluate zero-shot -> print the paper's table. The last line is one JSON object with ``ensemble_macro_auc``,
-``best_single_macro_auc``, ``external_macro_auc`` and ``seconds``.
+evaluate zero-shot -> use the ensemble as a user would: export it as a bundle (``retina-export``) and predict a
+handful of the external photographs with Grad-CAM maps (``retina-predict --cam``), naming the pictures -> print the
+paper's table. The last line is one JSON object with ``ensemble_macro_auc``, ``best_single_macro_auc``,
+``external_macro_auc``, ``seconds``, ``bundle`` and ``predict_contact_sheet``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retina_io.cli import console_main, setup_logging
-from retina_io.errors import RetinaError
+from retina_io.errors import RetinaError, check_rules
+from retina_io.fsutil import require_out_folder
 from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class DemoConfig:
     folds: int = 5
     bootstrap: int = 200
     seed: int = 0
+    n_predict: int = 6  # external photographs predicted with the exported bundle, with Grad-CAM maps
 
 
 class _Stages:
@@ -85,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                                         runs=out / "runs", device=device)))  # fmt: skip
     _claim_out(out, {"n": cfg.n, "size": size, "seed": cfg.seed, "folds": cfg.folds, "n_external": cfg.n_external,
                      "external_layout": cfg.external_layout})  # fmt: skip
-    stage = _Stages(6)
+    stage = _Stages(7)
 
     stage(f"generate {cfg.n} procedural fundus images ({size} px, SynFundus-1M layout)")
     labels = out / "synfundus" / "labels.csv"
@@ -120,6 +124,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("zero-shot evaluation of the ensemble on the external dataset")
     ev = evaluate_external(EvalConfig(runs=runs, data=ext_data, out=runs / "eval" / cfg.external_layout,
                                       device=device, bootstrap=cfg.bootstrap))  # fmt: skip
+    stage(f"use the ensemble: export it as a bundle, predict {cfg.n_predict} external photographs with Grad-CAM")
+    used = use_ensemble(out, runs, ext_data, ext_dir / ext_images, device=device, n=cfg.n_predict)
 
     singles = {m: stack.macro(m) for m in backbones}
     table = _paper_table(stack, backbones)
@@ -131,6 +137,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         plots = sorted(p.name for p in folder.glob("*.png"))
         if plots:
             print(f"plots in {folder}: {', '.join(plots)}")
+    print(f"bundle: {used.bundle} (retina-predict --bundle {used.bundle} --images DIR --out OUT [--cam])")
+    print(f"predictions of {used.photos}: {used.predictions}")
+    if used.sheet:
+        print(f"Grad-CAM contact sheet: {used.sheet}")
+        print("Grad-CAM overlays (photograph, each backbone, combined):\n" + "\n".join(f"  {f}" for f in used.overlays))
+    else:
+        print("Grad-CAM: the ensemble predicted no class positive on these photographs, so there are no maps")
     return {
         "ensemble_macro_auc": round(stack.macro(META_ROW), 4),
         "best_single_macro_auc": round(max(singles.values()), 4),
@@ -141,7 +154,51 @@ def run_demo(cfg: DemoConfig) -> dict:
         "external_classes": ev.classes,
         "seconds": round(stage.seconds, 1),
         "report": str(runs / "stack" / "report.md"),
+        "bundle": str(used.bundle),
+        "predict_contact_sheet": str(used.sheet) if used.sheet else None,
     }
+
+
+@dataclass
+class UsedEnsemble:
+    bundle: Path
+    photos: Path
+    predictions: Path
+    sheet: Path | None
+    overlays: list[Path]
+
+
+def use_ensemble(out: Path, runs: Path, ext_data: Path, ext_images: Path, *, device: str, n: int) -> UsedEnsemble:
+    """``retina-export`` the run as ``OUT/demo.retina`` (afresh: a rerun restacks), copy ``n`` external photographs
+    with a labelled disease (in id order) to ``OUT/new-photos/`` and ``retina-predict --cam`` them into
+    ``OUT/predict/``."""
+    import shutil
+
+    import polars as pl
+
+    from retina_io.dataset import PackedDataset
+    from retina_train.bundle import ExportConfig, export_bundle
+    from retina_train.predict import PredictConfig, predict_bundle
+
+    bundle = out / "demo.retina"
+    shutil.rmtree(bundle, ignore_errors=True)
+    export_bundle(ExportConfig(runs=runs, out=bundle))
+    ds = PackedDataset.open(ext_data)
+    index = ds.index().sort("id")
+    labelled = index.filter(pl.any_horizontal([pl.col(c).fill_null(0) > 0 for c in ds.classes_present]))
+    chosen = pl.concat([labelled, index]).unique("id", keep="first", maintain_order=True).head(n)
+    photos = out / "new-photos"
+    shutil.rmtree(photos, ignore_errors=True)
+    photos.mkdir(parents=True)
+    for rel in chosen["path"]:
+        shutil.copyfile(ext_images / rel, photos / Path(rel).name)
+    predicted = out / "predict"
+    shutil.rmtree(predicted, ignore_errors=True)
+    result = predict_bundle(PredictConfig(bundle=bundle, images=photos, out=predicted, cam=True, device=device,
+                                          workers=0, progress=False))  # fmt: skip
+    sheet = next((f for f in result.cam_files if f.name == "contact_sheet.png"), None)
+    overlays = [f for f in result.cam_files if f != sheet]
+    return UsedEnsemble(bundle, photos, predicted / "predictions.csv", sheet, overlays)
 
 
 class DemoError(RetinaError, ValueError):
@@ -160,10 +217,10 @@ def check_demo(cfg: DemoConfig) -> None:
         (cfg.n_external >= 2, f"--n-external must be >= 2 (it is packed into 2 folds); got {cfg.n_external}"),
         (cfg.bootstrap >= 0, f"--bootstrap must be >= 0; got {cfg.bootstrap}"),
         (cfg.image_size >= 8, f"image_size must be >= 8; got {cfg.image_size}"),
+        (cfg.n_predict >= 1, f"n_predict must be >= 1; got {cfg.n_predict}"),
     ]  # fmt: skip
-    for ok, message in rules:
-        if not ok:
-            raise DemoError(message)
+    check_rules(rules, DemoError)
+    require_out_folder(Path(cfg.out), DemoError)
 
 
 def _claim_out(out: Path, data_settings: dict) -> None:

@@ -195,11 +195,18 @@ class BackboneRun:
 
     def load(self, weights: Path) -> torch.nn.Module:
         """One fold model with its best weights, in eval mode on the settings' device (channels-last where the run
-        trains so)."""
+        trains so); an InferenceError naming ``weights`` when the file is not a safetensors state dict of this
+        backbone (damaged, truncated, another model's)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         model = create_backbone(self.cfg.model.backbone, image_size=self.cfg.data.image_size)
-        model.load_state_dict(load_file(str(weights), device="cpu"))
+        try:
+            model.load_state_dict(load_file(str(weights), device="cpu"))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise InferenceError(f"{weights} is not usable weights of {self.cfg.model.backbone} ({reason}); train that "
+                                 "fold again or copy the file whole") from None  # fmt: skip
         if self.settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model.to(self.settings.device).eval()

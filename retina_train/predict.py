@@ -39,8 +39,8 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from retina_io.cli import config_from_args, console_main, setup_logging
-from retina_io.errors import RetinaError
-from retina_io.fsutil import atomic_path
+from retina_io.errors import RetinaError, at_least, check_rules
+from retina_io.fsutil import atomic_path, require_out_folder
 from retina_io.schema import format_keys
 from retina_train import inference
 from retina_train.bundle import Bundle
@@ -153,9 +153,9 @@ def predict_bundle(cfg: PredictConfig) -> PredictResult:
         raise PredictError("give exactly one of --images DIR and --data shards/NAME")
     if cfg.cam and cfg.images is None:
         raise PredictError("--cam draws over photographs: use it with --images DIR (not --data)")
+    check_rules([at_least("--batch-size", cfg.batch_size, 1), at_least("--workers", cfg.workers, 0)], PredictError)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise PredictError(f"--out {out} exists and is not a folder")
+    require_out_folder(out, PredictError)
     bundle = Bundle.open(cfg.bundle)
     meta = bundle.meta_learner()
     ens = Ensemble.load(bundle, cfg.device, tta=cfg.tta)
@@ -229,8 +229,6 @@ def _run(argv: list[str] | None) -> int:
     setup_logging()
     from retina_train.distributed import resolve_device
 
-    if (args.batch_size is not None and args.batch_size < 1) or args.workers < 0:
-        raise PredictError(f"--batch-size must be >= 1 and --workers >= 0; got {args.batch_size}, {args.workers}")
     cfg = config_from_args(PredictConfig, args, device=resolve_device(args.device))
     result = predict_bundle(cfg)
     print(json.dumps({"predictions": str(result.out / "predictions.parquet"), "predicted": result.predictions.height,

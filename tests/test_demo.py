@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,8 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     args = ["--out", str(out), "--n", "300", "--size", "64", "--epochs", "1", "--n-external", "120",
             "--bootstrap", "20", "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is one JSON object
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])  # the last line is one JSON object
     # the JSON line reports what the stages wrote: the stack's scores and the external evaluation's summary
     import polars as pl
 
@@ -38,6 +40,27 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert (out / "runs" / "eval" / "rfmid" / "report.md").is_file()
     for name in TINY_BACKBONES:
         assert len(list((out / "runs" / name).glob("fold*/oof-rank*.parquet"))) == 5
+    # the ensemble in use: exported as a bundle, then retina-predict --cam on a handful of external photographs,
+    # whose pictures the demo names before its JSON line
+    assert {"ensemble_macro_auc", "best_single_macro_auc", "external_macro_auc", "seconds", "report", "bundle",
+            "predict_contact_sheet"} <= set(result)  # fmt: skip
+    from retina_train.bundle import Bundle
+
+    bundle = Bundle.open(result["bundle"])  # every checksum checked
+    assert [b.name for b in bundle.backbones] == sorted(TINY_BACKBONES)
+    assert all(len(b.weights) == 5 for b in bundle.backbones)
+    predictions = pl.read_csv(out / "predict" / "predictions.csv")
+    assert predictions.height == 6 and sorted(predictions["id"]) == sorted(
+        p.name for p in (out / "new-photos").iterdir()
+    )
+    sheet = Path(result["predict_contact_sheet"])
+    assert sheet.is_file() and sheet == out / "predict" / "cam" / "contact_sheet.png"
+    overlays = pl.read_csv(out / "predict" / "cam" / "cams.csv")["file"].to_list()
+    assert overlays and all((sheet.parent / f).is_file() for f in overlays)
+    before_json = printed.strip().splitlines()[:-1]
+    assert f"Grad-CAM contact sheet: {sheet}" in before_json
+    assert all(f"  {sheet.parent / f}" in before_json for f in overlays)
+    assert any(line.startswith(f"bundle: {result['bundle']}") for line in before_json)
 
 
 def test_paper_mode_overrides(tmp_path):

@@ -293,3 +293,26 @@ def test_inference_settings_follow_the_run():
     assert [default_eval_batch_size(b) for b in (1, 16, 64, 128, 512)] == [4, 64, 256, 256, 1024]
     cfg.data.eval_batch_size = 100
     assert resolve_settings(cfg, "cpu").eval_batch_size == 100
+
+
+@pytest.mark.parametrize("damage", ["garbage", "a folder"])
+def test_damaged_fold_model_is_one_line(trained, tmp_path, capsys, damage):
+    """A fold model that is not a safetensors file of its backbone (cut short, overwritten, a folder) gave a traceback
+    from safetensors; now one line naming the file."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained / "runs", runs, ignore=shutil.ignore_patterns("eval"))
+    bad = runs / "tiny_resnet" / "fold1" / "best.safetensors"
+    bad.unlink()
+    if damage == "garbage":
+        bad.write_bytes(b"not a safetensors file")
+    else:
+        bad.mkdir()
+    argv = ["--runs", str(runs), "--data", str(trained / "shards" / "aptos"), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--bootstrap", "0"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # after the progress bar of the fold models read before it
+    line = err[err.index("retina-eval: error: ") :]
+    assert line.startswith(f"retina-eval: error: {bad} is not usable weights of tiny_resnet") and line.count("\n") == 1
+    assert "Traceback" not in err

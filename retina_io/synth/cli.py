@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from retina_io.cli import console_main, setup_logging
+from retina_io.fsutil import require_out_file
+from retina_io.synth.errors import SynthError
 from retina_io.synth.layouts import LAYOUTS, generate_dataset
 from retina_io.synth.preview import write_preview
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(logging.WARNING)
+    if args.preview is not None:  # before hours of generating
+        require_out_file(args.preview, SynthError, flag="--preview")
     t0 = time.perf_counter()
     labels = generate_dataset(args.out, n=args.n, size=args.size, seed=args.seed, workers=args.workers,
                               quality=args.quality, layout=args.layout, progress=not args.quiet)  # fmt: skip

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from retina_io.cli import config_from_args, console_main, setup_logging
-from retina_train.stack.errors import StackError
 from retina_train.stack.meta import DEVICES, STRATEGIES, MetaParams
 from retina_train.stack.rows import CONTROL_ROW, MEAN_ROW, META_ROW
 from retina_train.stack.run import StackConfig, run_stack
@@ -48,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the meta-learner, bootstrap and control")
     d = MetaParams()
     p.add_argument("--n-estimators", type=int, default=d.n_estimators, help="boosting rounds (trees per class)")
-    p.add_argument("--max-depth", type=int, default=d.max_depth, help="tree depth")
+    p.add_argument("--max-depth", type=int, default=d.max_depth, help="tree depth (0: no limit)")
     p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="shrinkage")
     p.add_argument("--threads", type=int, default=None, help="XGBoost threads (default: all cores)")
     p.add_argument("--control-rows", type=int, default=200_000, help="rows of the shuffled-label control (subsample)")
@@ -64,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(logging.WARNING if args.quiet else logging.INFO)
-    if args.bootstrap < 0 or args.control_rows < 2:
-        raise StackError("--bootstrap must be >= 0 and --control-rows >= 2")
     params = config_from_args(MetaParams, args, n_jobs=args.threads)
     cfg = config_from_args(StackConfig, args, params=params, control_max_rows=args.control_rows,
                            progress=not args.no_progress)  # fmt: skip

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from retina_io.errors import at_least, check_rules
+from retina_io.fsutil import require_out_folder
 from retina_train.stack import metrics
 from retina_train.stack.errors import StackError
 from retina_train.stack.meta import STRATEGIES, MetaLearner, MetaParams, create_meta_learner, resolve_device
@@ -109,10 +111,23 @@ def _choose_strategy(
     return chosen, check, {f: fitted[chosen]}
 
 
+def check_stack_config(cfg: StackConfig) -> None:
+    """Every option in its range and ``--out`` usable as a folder: a StackError naming the first that is not, before
+    anything is read or written."""
+    p = cfg.params
+    check_rules([at_least("--bootstrap", cfg.bootstrap, 0), at_least("--seed", cfg.seed, 0),
+                 at_least("--control-rows", cfg.control_max_rows, 2), at_least("--n-estimators", p.n_estimators, 1),
+                 at_least("--max-depth", p.max_depth, 0), at_least("--threads", p.n_jobs, 1),
+                 (p.learning_rate > 0, f"--learning-rate must be > 0; got {p.learning_rate}"),
+                 (0 < cfg.ci < 1, f"ci must be in (0, 1); got {cfg.ci}")], StackError)  # fmt: skip
+    require_out_folder(Path(cfg.out), StackError)
+
+
 def run_stack(cfg: StackConfig) -> StackResult:
     """The whole stacking step: table, nested CV (+ control), final fit, scores, importance, report files."""
     from retina_train.stack import report  # matplotlib: imported when a report is written
 
+    check_stack_config(cfg)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     table = build_feature_table(cfg.runs, cfg.data)
