@@ -158,3 +158,37 @@ def photometric(x: torch.Tensor, p: Photometric | None, *, local_contrast_sigma:
     if local_contrast_sigma > 0:
         x = local_contrast(x, local_contrast_sigma)
     return x
+
+
+def model_input(x: torch.Tensor, p: Photometric | None, mean: torch.Tensor, std: torch.Tensor, *,
+                local_contrast_sigma: float = 0.0, channels_last: bool = False) -> torch.Tensor:  # fmt: skip
+    """A DALI batch (N×H×W×C, 0..255) -> float N×C×H×W normalised with ``mean``/``std`` (C×1×1, on [0, 1]), with
+    the photometric augmentation ``p`` (train) and local contrast.
+
+    The common case (colour jitter at most) is one pass per output channel: the colour matrix, the 1/255 and the
+    mean/std fold into 3 multiply-adds per pixel, then a per-channel clip (the colour matrix's clip to [0, 1],
+    normalised)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    planes = x.permute(0, 3, 1, 2)
+    if (p is not None and (p.gamma is not None or p.blur_sigma is not None)) or local_contrast_sigma > 0:
+        y = photometric(planes.float().div_(255.0), p, local_contrast_sigma=local_contrast_sigma)
+        return ((y - mean) / std).contiguous(memory_format=fmt)
+    n, c = planes.shape[:2]
+    inv = 1.0 / (255.0 * std.view(1, c, 1))
+    colour = p is not None and p.matrix is not None
+    if colour:
+        m = torch.from_numpy(p.matrix).to(x.device) * inv
+        t = (torch.from_numpy(p.offset).to(x.device) - mean.view(1, c)) / std.view(1, c)
+    out = torch.empty(planes.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+    for d in range(c):
+        o = out[:, d]
+        if colour:
+            torch.mul(planes[:, 0], m[:, d, 0, None, None], out=o)
+            for k in range(1, c):
+                o.addcmul_(planes[:, k], m[:, d, k, None, None])
+            o.add_(t[:, d, None, None])
+        else:
+            torch.mul(planes[:, d], float(inv[0, d, 0]), out=o).sub_(float(mean[d] / std[d]))
+    if colour:
+        out = torch.maximum(torch.minimum(out, (1 - mean) / std, out=out), -mean / std, out=out)
+    return out

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, photometric
+from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, model_input
 from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
 from retina_io.schema import NUM_CLASSES, parse_key
@@ -158,6 +158,8 @@ class DaliLoader(EpochPlan):
         self.dataset.check_dali_indexes(self.shards)
         self.reader = ShardReader(self.shards, use_mmap=not cfg.dont_use_mmap)
         self.sizes = _image_sizes(self.dataset, cfg.folds, self.reader.keys) if cfg.mode == "train" else None
+        self._mean = torch.tensor(cfg.mean, device=self.device)[:, None, None]
+        self._std = torch.tensor(cfg.std, device=self.device)[:, None, None]
         self._feed = _Feed()
         self._pipe = None
         self._open = False  # an epoch started and not drained
@@ -216,13 +218,8 @@ class DaliLoader(EpochPlan):
     def _finish(self, x: torch.Tensor, photo: Photometric | None) -> torch.Tensor:
         """N×H×W×C pixels on 0..255 -> the colour augmentation, local contrast (train), mean/std, layout, dtype."""
         cfg = self.cfg
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # NCHW shape, channels-last memory
-        if cfg.mode == "train":
-            x = photometric(x, photo, local_contrast_sigma=cfg.local_contrast_sigma)
-        mean = torch.tensor(cfg.mean, device=x.device)[:, None, None]
-        std = torch.tensor(cfg.std, device=x.device)[:, None, None]
-        x = (x - mean) / std
-        x = x.contiguous(memory_format=torch.channels_last if cfg.layout == "NHWC" else torch.contiguous_format)
+        sigma = cfg.local_contrast_sigma if cfg.mode == "train" else 0.0  # eval: done in the pipeline
+        x = model_input(x, photo, self._mean, self._std, local_contrast_sigma=sigma, channels_last=cfg.layout == "NHWC")
         return x.to(_TORCH_DTYPES[cfg.dtype])
 
 
