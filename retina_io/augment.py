@@ -133,17 +133,32 @@ def local_contrast(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Graham's local contrast normalisation on [0, 1] float images (``...×C×H×W``): clip(4 (x - blur x) + 0.5).
 
     The kernel is DALI's ``gaussian_blur`` default (2 * ceil(3 sigma) + 1 taps, mirrored borders)."""
-    from torchvision.transforms.v2 import functional as TF
+    return (4.0 * (x - gaussian_blur(x, sigma)) + 0.5).clamp_(0.0, 1.0)
 
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` (``...×C×H×W`` float) blurred with DALI's default Gaussian (2 * ceil(3 sigma) + 1 taps, normalised),
+    mirrored borders: torchvision's ``gaussian_blur`` (reflect padding, the outer product of two 1-D kernels), computed
+    as two 1-D passes: 2k multiply-adds per pixel instead of k², which matters on a CPU (k = 19 at sigma 3)."""
     k = 2 * math.ceil(3 * sigma) + 1
-    return (4.0 * (x - TF.gaussian_blur(x, [k, k], [sigma, sigma])) + 0.5).clamp_(0.0, 1.0)
+    half = k // 2
+    taps = torch.exp(-0.5 * (torch.linspace(-half, half, k, dtype=torch.float32) / sigma) ** 2)
+    taps = (taps / taps.sum()).tolist()  # host floats: no device sync per tap
+    shape = x.shape
+    h, w = shape[-2:]
+    padded = torch.nn.functional.pad(x.reshape(-1, 1, h, w), [half, half, half, half], mode="reflect")[:, 0]
+    rows = padded[..., 0:w] * taps[0]  # along W, then along H: shifted multiply-adds (no im2col, no k² work)
+    for i in range(1, k):
+        rows.add_(padded[..., i : i + w], alpha=taps[i])
+    out = rows[..., 0:h, :] * taps[0]
+    for i in range(1, k):
+        out.add_(rows[..., i : i + h, :], alpha=taps[i])
+    return out.reshape(shape)
 
 
 def photometric(x: torch.Tensor, p: Photometric | None, *, local_contrast_sigma: float = 0.0) -> torch.Tensor:
     """``x`` (N×C×H×W float on [0, 1], any memory format) with the colour matrices, gamma, blur and local contrast
     of ``p`` (None: none of them), in the DALI pipeline's former order; returns [0, 1] floats."""
-    from torchvision.transforms.v2 import functional as TF
-
     if p is not None and p.matrix is not None:
         m = torch.from_numpy(p.matrix).to(x.device)
         t = torch.from_numpy(p.offset).to(x.device)
@@ -152,9 +167,7 @@ def photometric(x: torch.Tensor, p: Photometric | None, *, local_contrast_sigma:
         x = x.pow(torch.from_numpy(p.gamma).to(x.device)[:, None, None, None])
     if p is not None and p.blur_sigma is not None:
         for i in np.flatnonzero(p.blur_sigma > 0):
-            sigma = float(p.blur_sigma[i])
-            k = 2 * math.ceil(3 * sigma) + 1
-            x[i] = TF.gaussian_blur(x[i], [k, k], [sigma, sigma])
+            x[i] = gaussian_blur(x[i], float(p.blur_sigma[i]))
     if local_contrast_sigma > 0:
         x = local_contrast(x, local_contrast_sigma)
     return x

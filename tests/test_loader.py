@@ -420,3 +420,23 @@ def test_dali_gpu_graph_constructs(packed, mode, rotate):
     pipe = build_pipeline(cfg, lambda: None)
     assert pipe.device_id == 0
     assert [node.device for node in pipe._graph_out] == ["gpu"]
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.1, 3.0, 5.3])
+def test_separable_gaussian_blur_is_torchvisions(sigma):
+    """The loader's blur and local contrast (two 1-D passes of shifted multiply-adds) equal torchvision's 2-D
+    ``gaussian_blur`` with the same kernel and reflect borders, for batches and single images."""
+    import math
+
+    from torchvision.transforms.v2 import functional as TF
+
+    from retina_io.augment import gaussian_blur
+
+    k = 2 * math.ceil(3 * sigma) + 1
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(4, 3, 40, 33), (3, 37, 41)]:
+        x = torch.rand(shape, generator=gen)
+        expected = TF.gaussian_blur(x, [k, k], [sigma, sigma])
+        assert torch.allclose(gaussian_blur(x, sigma), expected, atol=1e-5)
+    x = torch.rand(2, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(gaussian_blur(x, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]), atol=1e-5)
