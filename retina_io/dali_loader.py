@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import weakref
 from collections import deque
 from collections.abc import Iterator
 
@@ -30,6 +31,19 @@ from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photom
 from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
 from retina_io.schema import NUM_CLASSES, parse_key
+
+# A forked child (a DataLoader worker of the fallback backend, a process pool) inherits the parent's DALI pipelines
+# but not their threads; destroying one there (its garbage collected in the child) waits forever on those threads.
+# The child keeps them, never destroyed: such children leave through os._exit, without finalizing objects.
+_PIPELINES: weakref.WeakSet = weakref.WeakSet()
+_INHERITED: list = []
+
+
+def _keep_inherited_pipelines() -> None:
+    _INHERITED.extend(_PIPELINES)
+
+
+os.register_at_fork(after_in_child=_keep_inherited_pipelines)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +199,7 @@ class DaliLoader(EpochPlan):
         """Point the pipeline at ``epoch`` from ``start_step``: build it once, or drain and reset it."""
         if self._pipe is None:
             self._pipe = build_pipeline(self.cfg, self._feed)
+            _PIPELINES.add(self._pipe)
             self._pipe.build()
         elif self._open:  # the previous epoch was left early: stop feeding, drain what is queued, reset
             self._feed.batches = iter(())

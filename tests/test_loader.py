@@ -440,3 +440,37 @@ def test_separable_gaussian_blur_is_torchvisions(sigma):
         assert torch.allclose(gaussian_blur(x, sigma), expected, atol=1e-5)
     x = torch.rand(2, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
     assert torch.allclose(gaussian_blur(x, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]), atol=1e-5)
+
+
+def test_forked_child_survives_an_inherited_dali_pipeline(packed):
+    """A DALI pipeline that is garbage when a process forks (a fallback DataLoader worker, a pool) must not be
+    destroyed in the child: its threads are not there, and the destructor waited on them forever (a hung test run)."""
+    import gc
+    import os
+    import time
+
+    loader = build_loader(_cfg(packed, "dali", folds=(0,)))
+    next(iter(loader.iter_epoch(0)))
+    cycle = [loader]
+    cycle.append(cycle)  # garbage only the cyclic collector frees: as it was when a DataLoader worker forked
+    del loader, cycle
+    gc.disable()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: collect the inherited garbage, then leave as DataLoader workers do
+            gc.collect()
+            os._exit(0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung destroying an inherited DALI pipeline")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        gc.enable()
+        gc.collect()
