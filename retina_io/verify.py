@@ -24,7 +24,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,8 @@ def verify(folder: Path, *, progress: bool = True, workers: int | None = None) -
         if sha256_file(p) != digest:
             raise DatasetError(f"{p} does not match its sha256 in manifest.json; repack with `retina-shard pack`")
     shards = manifest["shards"]
-    with _pool(min(workers or os.cpu_count() or 1, len(shards))) as pool:  # forked before the index is read
+    n_workers = min(workers or os.cpu_count() or 1, len(shards))
+    with _pool(n_workers) as pool:  # forked before the index is read
         index = ds.index()
         if "shard" not in index.columns:
             raise DatasetError(f"{folder / 'index.parquet'} lacks the column 'shard'; repack with `retina-shard pack`")
@@ -93,7 +96,7 @@ def verify(folder: Path, *, progress: bool = True, workers: int | None = None) -
                 f"{folder / 'index.parquet'} names shard {stray[0]!r}, which manifest.json does not list"
             )
         jobs = (_job(folder, entry, by_shard.get(entry["path"])) for entry in shards)
-        results = pool.imap(_check_shard, jobs) if pool is not None else map(_check_shard, jobs)
+        results = _in_order(pool, jobs, window=2 * n_workers) if pool is not None else map(_check_shard, jobs)
         for error in tqdm(results, total=len(shards), desc="verify shards", unit="shard", disable=not progress):
             if error is not None:
                 raise error
@@ -107,13 +110,30 @@ def verify(folder: Path, *, progress: bool = True, workers: int | None = None) -
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
-    """Forked workers (they run only numpy, hashlib and json; never polars), or None for one; stopped on exit."""
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Forked workers (they run only numpy, hashlib and json; never polars), or None for one. They are started here,
+    before the caller reads the index with polars. On exit the shards not started are cancelled and the running ones
+    finish (a ``multiprocessing.Pool``'s terminate could hang when it stopped on the first bad shard)."""
     if workers <= 1:
         yield None
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        pool.submit(int).result()  # a fork-context executor starts all its workers at the first task
         yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_order(pool: ProcessPoolExecutor, jobs: Iterator[_ShardJob], *, window: int) -> Iterator[DatasetError | None]:
+    """:func:`_check_shard` of ``jobs`` in the pool, results in job order, at most ``window`` jobs in flight."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(_check_shard, job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _job(folder: Path, entry: dict, rows: pl.DataFrame | None) -> _ShardJob:
