@@ -23,11 +23,12 @@ import os
 import weakref
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, model_input
+from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, model_input, warp_batch
 from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
 from retina_io.schema import NUM_CLASSES, parse_key
@@ -50,11 +51,18 @@ log = logging.getLogger(__name__)
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def host_warp(cfg: LoaderConfig) -> bool:
+    """Whether the train-mode warp runs on the host after the pipeline (OpenCV, :func:`retina_io.augment.warp_batch`):
+    rotation on and CPU decoding, where DALI's CPU ``warp_affine`` is the loader's bottleneck."""
+    return cfg.mode == "train" and cfg.augment.rotate_degrees > 0 and cfg.resolved_decode_device == "cpu"
+
+
 def build_pipeline(cfg: LoaderConfig, source):
     """The DALI pipeline of ``cfg``, fed by ``source`` (a callable returning one batch of inputs per call): encoded
     images in eval mode; in train mode also the crop (relative anchor and shape) and either the ``warp_affine``
     matrices (rotation on) or the resize regions (rotation off). Its one output: ``size × size`` RGB, HWC, on
-    0..255 (uint8, or float with local contrast in eval mode)."""
+    0..255 (uint8, or float with local contrast in eval mode); with :func:`host_warp`, the decoded crops (any size),
+    which the loader warps."""
     from nvidia.dali import fn, pipeline_def, types
 
     decode_device = cfg.resolved_decode_device
@@ -76,6 +84,8 @@ def build_pipeline(cfg: LoaderConfig, source):
         encoded, anchor, shape, *region = fn.external_source(source=source, batch=True, num_outputs=4 if warp else 5)
         images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB,
                                          normalized_anchor=True, normalized_shape=True, **decoder_kw)  # fmt: skip
+        if host_warp(cfg):
+            return images
         if warp:  # one resampling: scale, rotation and flips in one matrix
             return fn.warp_affine(images, matrix=region[0], size=[size, size], fill_value=0,
                                   interp_type=types.INTERP_LINEAR)  # fmt: skip
@@ -175,6 +185,7 @@ class DaliLoader(EpochPlan):
         self._mean = torch.tensor(cfg.mean, device=self.device)[:, None, None]
         self._std = torch.tensor(cfg.std, device=self.device)[:, None, None]
         self._feed = _Feed()
+        self._warp_pool = ThreadPoolExecutor(max(1, cfg.threads), "retina-warp") if host_warp(cfg) else None
         self._pipe = None
         self._open = False  # an epoch started and not drained
 
@@ -187,13 +198,13 @@ class DaliLoader(EpochPlan):
             keys = np.where(padded[step * cfg.batch_size : (step + 1) * cfg.batch_size], -1, reader.keys[rows])
             encoded = reader.images(rows)
             if cfg.mode != "train":
-                yield encoded, (keys, reader.label_rows(rows), None)
+                yield encoded, (keys, reader.label_rows(rows), None, None)
                 continue
             rng = batch_rng(cfg.seed, epoch, cfg.rank, step)
             geo = draw_geometry(rng, self.sizes[0][rows], self.sizes[1][rows], cfg.augment, cfg.image_size)
             region = (geo.matrix,) if cfg.augment.rotate_degrees > 0 else (geo.roi_start, geo.roi_end)
             photo = draw_photometric(rng, len(rows), cfg.augment)
-            yield (encoded, geo.anchor, geo.shape, *region), (keys, reader.label_rows(rows), photo)
+            yield (encoded, geo.anchor, geo.shape, *region), (keys, reader.label_rows(rows), photo, geo.matrix)
 
     def _start(self, epoch: int, start_step: int) -> None:
         """Point the pipeline at ``epoch`` from ``start_step``: build it once, or drain and reset it."""
@@ -220,8 +231,13 @@ class DaliLoader(EpochPlan):
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for _ in range(start_step, self.steps_per_epoch):
             (images,) = self._pipe.run(stream) if stream is not None else self._pipe.run()
-            keys, labels, photo = self._feed.pending.popleft()
-            x = self._finish(_to_torch(images, self.device, stream), photo)
+            keys, labels, photo, matrix = self._feed.pending.popleft()
+            if self._warp_pool is not None:  # before the next run(): ``images`` are the pipeline's buffers
+                x = warp_batch(_arrays(images), matrix, self.cfg.image_size, pool=self._warp_pool)
+                x = torch.from_numpy(x).to(self.device, non_blocking=True)
+            else:
+                x = _to_torch(images, self.device, stream)
+            x = self._finish(x, photo)
             y = torch.from_numpy(labels).to(self.device, non_blocking=True).float()
             yield Batch(x, y, torch.from_numpy(keys).to(self.device, non_blocking=True))
         try:  # the source is spent: this ends the epoch in the pipeline (StopIteration), ready for reset()
@@ -236,6 +252,11 @@ class DaliLoader(EpochPlan):
         sigma = cfg.local_contrast_sigma if cfg.mode == "train" else 0.0  # eval: done in the pipeline
         x = model_input(x, photo, self._mean, self._std, local_contrast_sigma=sigma, channels_last=cfg.layout == "NHWC")
         return x.to(_TORCH_DTYPES[cfg.dtype])
+
+
+def _arrays(tl) -> list[np.ndarray]:
+    """The samples of a CPU TensorList as numpy views of its buffers (valid until the pipeline runs again)."""
+    return [np.asarray(tl[i]) for i in range(len(tl))]
 
 
 def _to_torch(tl, device: torch.device, stream) -> torch.Tensor:
