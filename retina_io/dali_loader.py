@@ -81,7 +81,8 @@ def build_pipeline(cfg: LoaderConfig, source):
                 images = _local_contrast(fn, images, cfg.local_contrast_sigma)
             return fn.crop(images, crop=[size, size])
         warp = cfg.augment.rotate_degrees > 0
-        encoded, anchor, shape, *region = fn.external_source(source=source, batch=True, num_outputs=4 if warp else 5)
+        outputs = 3 if host_warp(cfg) else 4 if warp else 5
+        encoded, anchor, shape, *region = fn.external_source(source=source, batch=True, num_outputs=outputs)
         images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB,
                                          normalized_anchor=True, normalized_shape=True, **decoder_kw)  # fmt: skip
         if host_warp(cfg):
@@ -202,7 +203,10 @@ class DaliLoader(EpochPlan):
                 continue
             rng = batch_rng(cfg.seed, epoch, cfg.rank, step)
             geo = draw_geometry(rng, self.sizes[0][rows], self.sizes[1][rows], cfg.augment, cfg.image_size)
-            region = (geo.matrix,) if cfg.augment.rotate_degrees > 0 else (geo.roi_start, geo.roi_end)
+            if self._warp_pool is not None:
+                region = ()  # warped on the host
+            else:
+                region = (geo.matrix,) if cfg.augment.rotate_degrees > 0 else (geo.roi_start, geo.roi_end)
             photo = draw_photometric(rng, len(rows), cfg.augment)
             yield (encoded, geo.anchor, geo.shape, *region), (keys, reader.label_rows(rows), photo, geo.matrix)
 

@@ -211,6 +211,7 @@ def iter_tar(path: Path, *, sha=None) -> Iterator[tuple[TarSample, list[tuple[st
 _NUMBER_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8))
 _FAST_NAME = re.compile(rb"([0-9]{%d})\.(%s)\x00" % (KEY_WIDTH, "|".join(MEMBER_EXTENSIONS).encode()))
 _ZERO_BLOCK = bytes(BLOCK)
+_EXTENSIONS = frozenset(e.encode() for e in MEMBER_EXTENSIONS)
 
 
 @dataclass
@@ -266,6 +267,47 @@ def scan_members(buf: bytes) -> ScannedTar | None:
     if first[-1] + BLOCK + sizes[-1] > end or not _heads_well_formed(heads):
         return None
     return ScannedTar(keys, exts, (first + BLOCK).tolist(), sizes)
+
+
+def scan_indexed(buf: bytes, idx: bytes) -> ScannedTar | None:
+    """:func:`scan_members` of ``buf`` with its ``.idx`` (``idx``, the file's bytes) as the map: the members the index
+    names are checked against the tar's headers all at once instead of walked one by one. The same result as
+    :func:`scan_members` when the index lists exactly the members that walk finds (each header where the previous
+    member's data ends, the first at 0, an end-of-archive block after the last, every header in the writer's exact
+    form with the index's name and size); None otherwise, whatever the index says (the caller then walks the tar).
+    Whether ``idx`` is byte for byte what ``wds2idx`` writes is the caller's check (:func:`idx_bytes`)."""
+    body = idx.split()[2:]
+    if not body or len(body) % 4:
+        return None
+    exts, names = body[0::4], body[3::4]
+    try:
+        offsets = np.array(body[1::4]).astype(np.int64)
+        sizes = np.array(body[2::4]).astype(np.int64)
+    except (ValueError, OverflowError):
+        return None
+    keys = [n[:KEY_WIDTH] for n in names]
+    if [n[KEY_WIDTH + 1 :] for n in names] != exts or not set(exts) <= _EXTENSIONS:
+        return None  # so every name is KEY_WIDTH characters, a dot and an extension: at most 17 bytes
+    starts = offsets - BLOCK
+    padded = -(-sizes // BLOCK) * BLOCK
+    if starts[0] != 0 or (sizes < 0).any() or not np.array_equal(starts[1:], offsets[:-1] + padded[:-1]):
+        return None
+    end = int(offsets[-1] + padded[-1])
+    if int(offsets[-1] + sizes[-1]) > len(buf) or buf[end : end + BLOCK] != _ZERO_BLOCK:
+        return None
+    if len(buf) % BLOCK:
+        return None
+    heads = np.frombuffer(buf, dtype=np.uint8).reshape(-1, BLOCK)[starts // BLOCK]  # whole blocks: rows gathered
+    named = np.array(names, dtype="S100").view(np.uint8).reshape(len(names), 100)
+    digits = heads[:, :KEY_WIDTH]
+    if not (np.array_equal(heads[:, :100], named) and ((digits >= 48) & (digits <= 57)).all()):
+        return None
+    if not _heads_well_formed(heads):
+        return None
+    size_field = ((heads[:, 124:135].astype(np.int64) - ord("0")) * 8 ** np.arange(10, -1, -1)).sum(axis=1)
+    if not np.array_equal(size_field, sizes):
+        return None
+    return ScannedTar(keys, exts, offsets.tolist(), sizes.tolist())
 
 
 def _heads_well_formed(h: np.ndarray) -> bool:

@@ -12,7 +12,8 @@ the format's key and an allowed extension (a member elsewhere, a link or a folde
 row's fold and shard must be its shard's, and the manifest must record the sha256 of the index and rejects files.
 
 Speed: shards are checked in parallel (``workers`` processes, forked before any polars query), each read once into
-memory: sha256 over the whole buffer, headers parsed from the buffer (:func:`retina_io.tario.scan_members`), labels
+memory: sha256 over the whole buffer, the headers checked against the ``.idx`` all at once
+(:func:`retina_io.tario.scan_indexed`), labels
 compared as one array. That fast path only ever says "fine"; on anything it does not accept it hands the shard to the
 reference reader (``tarfile`` via :func:`retina_io.tario.iter_tar`, one pass hashing and parsing), whose verdict and
 message stand. Results come back in manifest order, so the first bad shard is the one named.
@@ -37,10 +38,11 @@ from tqdm.auto import tqdm
 
 from retina_io.dataset import DatasetError, PackedDataset
 from retina_io.schema import CLASSES, NUM_CLASSES, decode_labels
-from retina_io.tario import MemberError, ScannedTar, idx_bytes, idx_text, iter_tar, scan_members, sha256_file
+from retina_io.tario import MemberError, ScannedTar, idx_bytes, idx_text, iter_tar, scan_indexed, sha256_file
 
 RECORDED_FILES = ("index.parquet", "rejects.parquet")
 IMAGES = {b"jpg", b"png"}
+_SCAN_ONCE = json.JSONDecoder().scan_once  # the C scanner json.loads runs: one JSON value from an index
 
 
 class _MemberRefused(DatasetError):
@@ -89,13 +91,15 @@ def verify(folder: Path, *, progress: bool = True, workers: int | None = None) -
         index = ds.index()
         if "shard" not in index.columns:
             raise DatasetError(f"{folder / 'index.parquet'} lacks the column 'shard'; repack with `retina-shard pack`")
-        by_shard = {s: df for (s,), df in index.group_by("shard", maintain_order=True)}
+        rows = index.with_row_index("_row").group_by("shard", maintain_order=True).agg("_row")
+        by_shard = dict(zip(rows["shard"].to_list(), rows["_row"].to_list(), strict=True))
         stray = sorted(set(by_shard) - {s["path"] for s in shards}, key=str)
         if stray:
             raise DatasetError(
                 f"{folder / 'index.parquet'} names shard {stray[0]!r}, which manifest.json does not list"
             )
-        jobs = (_job(folder, entry, by_shard.get(entry["path"])) for entry in shards)
+        table = _IndexColumns(index)
+        jobs = (table.job(folder, entry, by_shard.get(entry["path"])) for entry in shards)
         results = _in_order(pool, jobs, window=2 * n_workers) if pool is not None else map(_check_shard, jobs)
         for error in tqdm(results, total=len(shards), desc="verify shards", unit="shard", disable=not progress):
             if error is not None:
@@ -136,11 +140,20 @@ def _in_order(pool: ProcessPoolExecutor, jobs: Iterator[_ShardJob], *, window: i
         yield pending.popleft().result()
 
 
-def _job(folder: Path, entry: dict, rows: pl.DataFrame | None) -> _ShardJob:
-    if rows is None:
-        return _ShardJob(folder, entry, None, None, False)
-    labels = rows.select(CLASSES).fill_null(0).to_numpy().astype(np.uint8)
-    return _ShardJob(folder, entry, rows["key"].to_list(), labels, bool((rows["fold"] == entry["fold"]).all()))
+class _IndexColumns:
+    """The index columns a shard's job needs, converted once (not once per shard): keys, labels as uint8, folds."""
+
+    def __init__(self, index: pl.DataFrame):
+        self.keys = index["key"]
+        self.labels = index.select(CLASSES).fill_null(0).to_numpy().astype(np.uint8)
+        self.folds = index["fold"]
+
+    def job(self, folder: Path, entry: dict, rows: list[int] | None) -> _ShardJob:
+        if rows is None:
+            return _ShardJob(folder, entry, None, None, False)
+        at = pl.Series(rows, dtype=pl.UInt32)
+        fold_ok = bool((self.folds.gather(at) == entry["fold"]).all())
+        return _ShardJob(folder, entry, self.keys.gather(at).to_list(), self.labels[np.asarray(rows)], fold_ok)
 
 
 def _check_shard(job: _ShardJob) -> DatasetError | None:
@@ -198,10 +211,9 @@ def _fast_ok(tar: Path, job: _ShardJob) -> bool:
     buf = tar.read_bytes()
     if hashlib.sha256(buf).hexdigest() != job.entry["sha256"] or len(job.keys) != job.entry["samples"]:
         return False
-    scanned = scan_members(buf)
-    return (
-        scanned is not None and _samples_ok(buf, scanned, job) and idx.read_bytes() == idx_bytes(scanned, per_sample=3)
-    )
+    idx_data = idx.read_bytes()
+    scanned = scan_indexed(buf, idx_data)
+    return scanned is not None and idx_data == idx_bytes(scanned, per_sample=3) and _samples_ok(buf, scanned, job)
 
 
 def _samples_ok(buf: bytes, scanned: ScannedTar, job: _ShardJob) -> bool:
@@ -220,14 +232,17 @@ def _samples_ok(buf: bytes, scanned: ScannedTar, job: _ShardJob) -> bool:
     raw = np.frombuffer(b"".join([buf[o : o + NUM_CLASSES] for o in at]), dtype=np.uint8)
     if raw.max(initial=0) > 1 or not np.array_equal(raw.reshape(-1, NUM_CLASSES), job.labels):
         return False
-    fold, loads = job.entry["fold"], json.loads
+    fold, scan = job.entry["fold"], _SCAN_ONCE
     at, sizes = scanned.offsets[slot[b"json"] :: 3], scanned.sizes[slot[b"json"] :: 3]
     for key, o, n in zip(job.keys, at, sizes, strict=True):
-        try:  # strict UTF-8 first: where it decodes, json.loads(bytes) reads the same text (else: the fallback)
-            doc = loads(buf[o : o + n].decode("utf-8"))
-        except (ValueError, RecursionError):
+        # strict UTF-8 first: where it decodes, json.loads(bytes) reads the same text (else: the fallback). json.loads
+        # is this scan plus whitespace around the value, which the packer never writes (any: the fallback decides).
+        try:
+            text = buf[o : o + n].decode("utf-8")
+            doc, end = scan(text, 0)
+        except (ValueError, RecursionError, StopIteration):
             return False
-        if type(doc) is not dict or doc.get("key") != key or doc.get("fold") != fold:
+        if end != len(text) or type(doc) is not dict or doc.get("key") != key or doc.get("fold") != fold:
             return False
     return True
 

@@ -22,7 +22,7 @@ from retina_io.loader import LoaderConfig, LoaderSettings, build_loader
 from retina_io.pack import PackConfig, pack
 from retina_io.preview import write_batch_preview
 from retina_io.shard_cli import main as shard_main
-from retina_io.tario import BLOCK, idx_text, iter_tar, scan_members, sha256_file
+from retina_io.tario import BLOCK, idx_bytes, idx_text, iter_tar, scan_indexed, scan_members, sha256_file
 from retina_io.verify import verify
 from tests.conftest import write_synfundus_folder
 
@@ -521,6 +521,46 @@ def test_scan_members_reads_what_tarfile_reads(packed):
         scanned = scan_members(tar.read_bytes())
         assert scanned is not None, tar
         assert scanned.members() == [m for _, ms in iter_tar(tar) for m in ms]
+
+
+def _forged_indexes(idx: bytes) -> list[bytes]:
+    """``.idx`` texts that lie about a tar in different ways."""
+    head, *lines = idx.splitlines(keepends=True)
+    first = lines[0].split(b" ")
+    shifted = b" ".join([first[0], b"%d" % (int(first[1]) + 512), *first[2:]])
+    resized = b" ".join([first[0], first[1], b"%d" % (int(first[2]) - 1), *first[3:]])
+    renamed = lines[0].replace(lines[0].split()[3][:9], b"999999999")
+    return [
+        head + b"".join(lines[1:] + lines[:1]),  # samples out of order
+        head + shifted + b"".join(lines[1:]),  # an offset off by a block
+        head + resized + b"".join(lines[1:]),  # a size off by one
+        head + b"".join(lines[:-1]),  # the last sample left out
+        head + b"".join(lines) + lines[-1],  # a sample twice
+        head + renamed + b"".join(lines[1:]),  # another key
+        head + lines[0].replace(b"labels", b"json", 1) + b"".join(lines[1:]),  # another extension
+        head + lines[0].replace(b" ", b"  ", 1) + b"".join(lines[1:]),  # the same numbers, spaced differently
+        b"",
+        head + b"jpg -512 10 000000000.jpg\n",
+        head + b"jpg 1e3 10 000000000.jpg\n",
+    ]
+
+
+def test_scan_indexed_is_the_header_walk_or_nothing(packed):
+    """Checking the headers against the ``.idx`` gives the header walk's members when the index is true, and nothing
+    (the walk decides) when it lies in any way or the tar is unusual; never another member list."""
+    for tar in sorted(packed.glob("fold*/*.tar")):
+        buf, idx = tar.read_bytes(), tar.with_suffix(".idx").read_bytes()
+        assert scan_indexed(buf, idx) == scan_members(buf) is not None
+        assert idx_bytes(scan_indexed(buf, idx), per_sample=3) == idx
+        for forged in (f for f in _forged_indexes(idx) if f != idx):  # a one-sample shard's "reordering" is none
+            got = scan_indexed(buf, forged)
+            assert got is None or (got == scan_members(buf) and idx_bytes(got, per_sample=3) != forged), forged[:80]
+    buf = (packed / SHARD).read_bytes()
+    idx = (packed / IDX).read_bytes()
+    for kind in HEADER_KINDS:
+        data = bytes(_edit_header(kind, bytearray(buf)))
+        assert scan_indexed(data, idx) is None, kind
+    assert scan_indexed(buf[:-BLOCK], idx) is None or len(buf) - BLOCK >= 2 * BLOCK
 
 
 def _header_at(data: bytearray, member: int) -> int:
