@@ -101,8 +101,9 @@ class Preset:
     name: str
     id_column: str
     required: tuple[str, ...]
-    # Image file name (relative to --images, may contain "/") from one row's id, before any search.
-    file_name: Callable[[str], str]
+    # Image file name (relative to --images, may contain "/") of one row: its id followed by this suffix (e.g.
+    # ".png"), before any search; computed on the whole column at once.
+    file_suffix: str = ""
     # When the exact relative path is absent, find the file by its base name anywhere under --images
     # (datasets shipped in numbered or split subfolders).
     search_by_name: bool = True
@@ -133,7 +134,6 @@ PRESETS: dict[str, Preset] = {
         class_map=CLASS_MAPS["synfundus"],
         id_column="file_name",
         required=SYNFUNDUS_COLUMNS,
-        file_name=lambda i: i,
         prefixes=("Fundus/",),
         int_columns={"dr_grade": (0, 4), **_binary(SYNFUNDUS_FLAGS)},
         metadata=("dr_grade", "eye_side", *SYNFUNDUS_READABILITY),
@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
         class_map=CLASS_MAPS["rfmid"],
         id_column="ID",
         required=RFMID_COLUMNS,
-        file_name=lambda i: f"{i}.png",
+        file_suffix=".png",
         int_columns={"ID": (0, 10**12), **_binary(("Disease_Risk", *RFMID_DISEASES))},
         metadata=("Disease_Risk", *RFMID_DISEASES),
     ),
@@ -152,7 +152,7 @@ PRESETS: dict[str, Preset] = {
         class_map=CLASS_MAPS["airogs"],
         id_column="challenge_id",
         required=AIROGS_COLUMNS,
-        file_name=lambda i: f"{i}.jpg",
+        file_suffix=".jpg",
         string_columns={"class": ("RG", "NRG")},
         metadata=("class",),
     ),
@@ -161,7 +161,7 @@ PRESETS: dict[str, Preset] = {
         class_map=CLASS_MAPS["aptos"],
         id_column="id_code",
         required=APTOS_COLUMNS,
-        file_name=lambda i: f"{i}.png",
+        file_suffix=".png",
         int_columns={"diagnosis": (0, 4)},
         metadata=("diagnosis",),
     ),
@@ -170,7 +170,7 @@ PRESETS: dict[str, Preset] = {
         class_map=CLASS_MAPS["eyepacs"],
         id_column="image",
         required=EYEPACS_COLUMNS,
-        file_name=lambda i: f"{i}.jpeg",
+        file_suffix=".jpeg",
         int_columns={"level": (0, 4)},
         group=lambda e: e.str.split("_").list.first(),
         metadata=("level",),
@@ -183,7 +183,6 @@ PRESETS: dict[str, Preset] = {
         # Kaggle's preprocessed copy names them id_code/diagnosis; Google's adjudicated grades (Krause et al. 2018,
         # kaggle.com/datasets/google-brain/messidor2-dr-grades) image_id/adjudicated_dr_grade.
         aliases={"id_code": ("image_id",), "diagnosis": ("adjudicated_dr_grade",)},
-        file_name=lambda i: i,
         int_columns={"diagnosis": (0, 4), "adjudicated_dme": (0, 1), "adjudicated_gradable": (0, 1)},
         metadata=("diagnosis", "adjudicated_dme", "adjudicated_gradable"),
     ),
@@ -209,7 +208,6 @@ def generic_preset(*, id_column: str, label_columns: Sequence[str], path_column:
         name="generic",
         id_column=id_column,
         required=tuple(dict.fromkeys(required)),
-        file_name=lambda i: i,
         search_by_name=path_column is None,
         int_columns=_binary(cols),
         path_column=path_column,
@@ -234,11 +232,11 @@ def get_preset(
     return PRESETS[name]
 
 
-def read_table(path: Path) -> Table:
-    """Read a label table strictly (:func:`retina_io.tables.read_table`); a table that cannot be read is a
-    :class:`PresetError`."""
+def read_table(path: Path, **streaming) -> Table:
+    """Read a label table strictly (:func:`retina_io.tables.read_table`, ``streaming``: its ``on_header`` and
+    ``convert``); a table that cannot be read is a :class:`PresetError`."""
     try:
-        return _read_table(path)
+        return _read_table(path, **streaming)
     except TableError as exc:
         raise PresetError(str(exc)) from exc
 
@@ -337,93 +335,106 @@ def read_labels(
     *,
     group_column: str | None = None,
 ) -> LabelTable:
-    """Read and validate a label table for ``preset``; see :class:`LabelTable`."""
-    table = read_table(path)
-    df = table.frame
-    preset = with_columns_of(preset, df.columns)
-    needed = list(preset.required) + ([group_column] if group_column else [])
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        found = ", ".join(df.columns[:30]) + (" …" if len(df.columns) > 30 else "")
-        shown = [c + (f" (or {' / '.join(preset.aliases[c])})" if c in preset.aliases else "") for c in missing]
-        raise PresetError(
-            f"labels file {path} does not fit preset {preset.name!r}: missing column(s) {', '.join(shown)} "
-            f"(found: {found}). Choose the preset that matches the table, or --preset generic with --id-column and "
-            "--label-columns."
-        )
-    # Rows whose field count differs from the header's: rejected before their values are read (ragged_row).
-    ragged = pl.Series("_ragged", [None], dtype=pl.String).extend_constant(None, df.height - 1)
-    if table.ragged:
-        at = sorted(table.ragged)
-        ragged = ragged.scatter(at, [table.ragged[i] for i in at])
-    df = df.with_row_index("row", offset=1).with_columns(ragged)
+    """Read and validate a label table for ``preset``; see :class:`LabelTable`.
 
-    id_raw = pl.col(preset.id_column).str.strip_chars()
-    problems: list[pl.Expr] = [pl.when(id_raw.is_null() | (id_raw == "")).then(pl.lit(f"{preset.id_column} is empty"))]
-    problems += [_int_problem(c, lo, hi) for c, (lo, hi) in preset.int_columns.items()]
-    problems += [_string_problem(c, vals) for c, vals in preset.string_columns.items()]
-    mapping = preset.class_map
+    The table is validated chunk by chunk as it is read (:func:`retina_io.tables.read_table`'s ``convert``): only
+    the columns a :class:`LabelTable` keeps survive each chunk, so a million-row table is never held as strings of
+    every column (16 bytes a value in polars, whatever the value). Duplicate ids are marked on the whole table."""
+    found: dict = {}
 
-    # Normalise ids the way the dataset writes them: integers without a trailing ".0" (parquet/float exports).
-    if preset.name == "rfmid":
-        id_value = _int_value(preset.id_column).cast(pl.Int64, strict=False).cast(pl.String)
-        id_value = pl.coalesce(id_value, id_raw)
-    else:
-        id_value = id_raw
+    def on_header(columns: list[str]) -> None:
+        nonlocal preset
+        preset = with_columns_of(preset, columns)
+        needed = list(preset.required) + ([group_column] if group_column else [])
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            listed = ", ".join(columns[:30]) + (" …" if len(columns) > 30 else "")
+            shown = [c + (f" (or {' / '.join(preset.aliases[c])})" if c in preset.aliases else "") for c in missing]
+            raise PresetError(
+                f"labels file {path} does not fit preset {preset.name!r}: missing column(s) {', '.join(shown)} "
+                f"(found: {listed}). Choose the preset that matches the table, or --preset generic with --id-column "
+                "and --label-columns."
+            )
+        found["columns"] = list(columns)
 
-    frame = df.with_columns(
-        id=id_value,
-        label_problem=pl.concat_str(problems, separator="; ", ignore_nulls=True),
-    )
-    if preset.path_column:
-        name_expr = pl.col(preset.path_column).str.strip_chars()
-    else:
-        names = frame["id"].map_elements(preset.file_name, return_dtype=pl.String, skip_nulls=True)
-        frame = frame.with_columns(names.alias("_name"))
-        name_expr = pl.col("_name")
-    frame = frame.with_columns(relpath=name_expr.str.replace_all("\\\\", "/"))
-    frame = frame.with_columns(path_problem=_unsafe_problem(pl.col("relpath")))
+    def convert(df: pl.DataFrame, first: int, ragged: dict[int, str]) -> pl.DataFrame:
+        # Rows whose field count differs from the header's: rejected before their values are read (ragged_row).
+        at = sorted(ragged)
+        flags = pl.Series("_ragged", [None] * df.height, dtype=pl.String)
+        if at:
+            flags = flags.scatter([i - first for i in at], [ragged[i] for i in at])
+        df = df.with_row_index("row", offset=1 + first).with_columns(flags)
 
-    class_cols = [(_class_expr(mapping[c]) if c in mapping else pl.lit(None, dtype=pl.UInt8)).alias(c) for c in CLASSES]
-    if group_column:
-        group = pl.col(group_column).str.strip_chars()
-    elif preset.group is not None:
-        group = preset.group(pl.col("id"))
-    else:
-        group = pl.lit(None, dtype=pl.String)
+        id_raw = pl.col(preset.id_column).str.strip_chars()
+        empty = pl.lit(f"{preset.id_column} is empty")
+        problems: list[pl.Expr] = [pl.when(id_raw.is_null() | (id_raw == "")).then(empty)]
+        problems += [_int_problem(c, lo, hi) for c, (lo, hi) in preset.int_columns.items()]
+        problems += [_string_problem(c, vals) for c, vals in preset.string_columns.items()]
+        mapping = preset.class_map
 
-    meta_cols = list(dict.fromkeys(preset.metadata))
-    if preset.name == "generic":
-        used = {preset.id_column, preset.path_column, group_column, *preset.int_columns}
-        meta_cols = [c for c in df.columns if c not in used and c not in ("row", "_ragged")]
-    renamed = {c: (f"{preset.name}_{c}" if c in RESERVED_COLUMNS else c) for c in meta_cols}
-    meta_exprs = []
-    for c in meta_cols:
-        if c in preset.int_columns:
-            meta_exprs.append(_int_value(c).cast(pl.Int64, strict=False).alias(renamed[c]))
+        # Normalise ids the way the dataset writes them: integers without a trailing ".0" (parquet/float exports).
+        if preset.name == "rfmid":
+            id_value = _int_value(preset.id_column).cast(pl.Int64, strict=False).cast(pl.String)
+            id_value = pl.coalesce(id_value, id_raw)
         else:
-            meta_exprs.append(pl.col(c).str.strip_chars().alias(renamed[c]))
+            id_value = id_raw
 
-    frame = frame.with_columns(
-        *class_cols,
-        *meta_exprs,
-        group=group,
-        reason=pl.when(pl.col("_ragged").is_not_null())
-        .then(pl.lit("ragged_row"))
-        .when(pl.col("path_problem").is_not_null())
-        .then(pl.lit("unsafe_path"))
-        .when(pl.col("label_problem") != "")
-        .then(pl.lit("bad_label")),
-        detail=pl.when(pl.col("_ragged").is_not_null())
-        .then(pl.col("_ragged"))
-        .when(pl.col("path_problem").is_not_null())
-        .then(pl.col("path_problem"))
-        .when(pl.col("label_problem") != "")
-        .then(pl.col("label_problem")),
-    )
-    frame = _mark_duplicates(frame)
-    keep = ["row", "id", "relpath", "group", *CLASSES, *renamed.values(), "reason", "detail"]
-    return LabelTable(preset=preset, frame=frame.select(keep), metadata_columns=tuple(renamed.values()))
+        frame = df.with_columns(
+            id=id_value,
+            label_problem=pl.concat_str(problems, separator="; ", ignore_nulls=True),
+        )
+        if preset.path_column:
+            name_expr = pl.col(preset.path_column).str.strip_chars()
+        else:
+            name_expr = pl.col("id") + preset.file_suffix if preset.file_suffix else pl.col("id")
+        frame = frame.with_columns(relpath=name_expr.str.replace_all("\\\\", "/"))
+        frame = frame.with_columns(path_problem=_unsafe_problem(pl.col("relpath")))
+
+        class_cols = [(_class_expr(mapping[c]) if c in mapping else pl.lit(None, dtype=pl.UInt8)).alias(c)
+                      for c in CLASSES]  # fmt: skip
+        if group_column:
+            group = pl.col(group_column).str.strip_chars()
+        elif preset.group is not None:
+            group = preset.group(pl.col("id"))
+        else:
+            group = pl.lit(None, dtype=pl.String)
+
+        meta_cols = list(dict.fromkeys(preset.metadata))
+        if preset.name == "generic":
+            used = {preset.id_column, preset.path_column, group_column, *preset.int_columns}
+            meta_cols = [c for c in df.columns if c not in used and c not in ("row", "_ragged")]
+        renamed = {c: (f"{preset.name}_{c}" if c in RESERVED_COLUMNS else c) for c in meta_cols}
+        meta_exprs = []
+        for c in meta_cols:
+            if c in preset.int_columns:
+                meta_exprs.append(_int_value(c).cast(pl.Int64, strict=False).alias(renamed[c]))
+            else:
+                meta_exprs.append(pl.col(c).str.strip_chars().alias(renamed[c]))
+
+        frame = frame.with_columns(
+            *class_cols,
+            *meta_exprs,
+            group=group,
+            reason=pl.when(pl.col("_ragged").is_not_null())
+            .then(pl.lit("ragged_row"))
+            .when(pl.col("path_problem").is_not_null())
+            .then(pl.lit("unsafe_path"))
+            .when(pl.col("label_problem") != "")
+            .then(pl.lit("bad_label")),
+            detail=pl.when(pl.col("_ragged").is_not_null())
+            .then(pl.col("_ragged"))
+            .when(pl.col("path_problem").is_not_null())
+            .then(pl.col("path_problem"))
+            .when(pl.col("label_problem") != "")
+            .then(pl.col("label_problem")),
+        )
+        found["metadata"] = tuple(renamed.values())
+        keep = ["row", "id", "relpath", "group", *CLASSES, *renamed.values(), "reason", "detail"]
+        return frame.select(keep)
+
+    table = read_table(path, on_header=on_header, convert=convert)
+    frame = _mark_duplicates(table.frame)
+    return LabelTable(preset=preset, frame=frame, metadata_columns=found["metadata"])
 
 
 def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
@@ -433,12 +444,13 @@ def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
     ``duplicate_id`` naming the kept row, so nothing is dropped silently.
     """
     ok = pl.col("reason").is_null()
+    repeated_ids = frame.filter(ok).filter(pl.col("id").is_duplicated())["id"].unique()  # usually none: small
     sig = pl.concat_str(
         [pl.col(c).cast(pl.String).fill_null("-") for c in CLASSES] + [pl.col("relpath")], separator=","
     )
-    frame = frame.with_columns(_sig=sig)
     stats = (
-        frame.filter(ok)
+        frame.filter(ok & pl.col("id").is_in(repeated_ids.implode()))
+        .with_columns(_sig=sig)
         .group_by("id")
         .agg(
             _n=pl.len(),
@@ -449,8 +461,8 @@ def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
         .filter(pl.col("_n") > 1)
     )
     if stats.height == 0:
-        return frame.drop("_sig")
-    frame = frame.join(stats, on="id", how="left")
+        return frame
+    frame = frame.join(stats, on="id", how="left", maintain_order="left")
     dup = ok & pl.col("_n").is_not_null()
     conflicting = dup & (pl.col("_nsig") > 1)
     repeated = dup & (pl.col("_nsig") == 1) & (pl.col("row") != pl.col("_first"))
@@ -463,4 +475,4 @@ def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
             pl.format("id {} repeats row {} with the same labels (that row is packed)", pl.col("id"), pl.col("_first"))
         )
         .otherwise(pl.col("detail")),
-    ).drop("_sig", "_n", "_nsig", "_first", "_rows")
+    ).drop("_n", "_nsig", "_first", "_rows")

@@ -157,16 +157,26 @@ class ImageFolder:
         q = pl.DataFrame([rel, found, active])
         ambiguous = pl.lit(None, dtype=pl.String)
         if preset.search_by_name:  # by base name: exact, then case-insensitive; one match is the file, more: ambiguous
+            # Only for the rows still without a file (usually none), and only over the files of the names they need.
             q = q.with_columns(base=pl.col("rel").str.replace(r"^.*/", ""), _amb=pl.lit(None, dtype=pl.String))
-            named = files.with_columns(base=pl.col("relpath").str.replace(r"^.*/", ""))
+            named = None
             for key in ("base", "fold"):
+                todo = pl.col("active") & pl.col("file").is_null() & pl.col("_amb").is_null()
+                if not q.select(todo.any()).item():
+                    break
+                if named is None:
+                    named = files.with_columns(base=pl.col("relpath").str.replace(r"^.*/", ""))
                 if key == "fold":
                     q = q.with_columns(fold=_casefold(q["base"]))
                     named = named.with_columns(fold=_casefold(named["base"]))
-                groups = named.group_by(key, maintain_order=True).agg(
-                    _n=pl.len(), _first=pl.col("file").first(), _shown=pl.col("relpath").head(SHOWN).str.join(", ")
+                wanted = q.filter(todo)[key].unique().implode()
+                groups = (
+                    named.filter(pl.col(key).is_in(wanted))
+                    .group_by(key, maintain_order=True)
+                    .agg(
+                        _n=pl.len(), _first=pl.col("file").first(), _shown=pl.col("relpath").head(SHOWN).str.join(", ")
+                    )
                 )
-                todo = pl.col("active") & pl.col("file").is_null() & pl.col("_amb").is_null()
                 shown = pl.format("{} files are named {}: {}", pl.col("_n"), pl.col("base"), pl.col("_shown"))
                 more = pl.when(pl.col("_n") > SHOWN).then(pl.lit(" …")).otherwise(pl.lit(""))
                 q = q.join(groups, on=key, how="left", maintain_order="left").with_columns(

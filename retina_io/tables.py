@@ -21,6 +21,7 @@ import codecs
 import csv
 import io
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class TableError(RetinaError, ValueError):
     """A label table that cannot be read as one (its encoding, its shape, its column names)."""
 
 
+OnHeader = Callable[[list[str]], None]
+Convert = Callable[[pl.DataFrame, int, dict[int, str]], pl.DataFrame]
+
+
 @dataclass
 class Table:
     frame: pl.DataFrame  # every column a string; one row per data record
@@ -52,31 +57,45 @@ class Table:
     encoding: str = "UTF-8"
 
 
-def read_table(path: Path) -> Table:
-    """Read a label table (CSV, TSV or parquet, chosen by the extension); see the module docstring."""
+def read_table(path: Path, *, on_header: OnHeader | None = None, convert: Convert | None = None) -> Table:
+    """Read a label table (CSV, TSV or parquet, chosen by the extension); see the module docstring.
+
+    Streaming: the file is never held whole. ``on_header(columns)`` is called once the column names are known (it may
+    raise); ``convert(chunk, first, ragged)`` turns each chunk of at most :data:`CHUNK_ROWS` rows (every column a
+    string; ``first`` its first row, 0-based; ``ragged`` its entries of :attr:`Table.ragged`) into what the table
+    keeps, so that a reader who needs a few compact columns never holds every value of a million rows as a string.
+    """
     path = Path(path)
     if not path.is_file():  # also keeps a named pipe or a device from being opened
         raise TableError(f"labels file {path} does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         try:
-            df = pl.read_parquet(path).with_columns(pl.all().cast(pl.String))
+            df = pl.read_parquet(path)
+            df.head(0).with_columns(pl.all().cast(pl.String))  # a nested column fails here, before anything else
         except Exception as exc:  # polars raises several exception types (unreadable file, nested columns)
             raise TableError(f"labels file {path} could not be read as a parquet table of values: {exc}") from exc
-        table = Table(df, encoding="parquet")
-        _check_names(path, table.frame.columns)
+        _check_names(path, df.columns)
+        if on_header is not None:
+            on_header(df.columns)
+        parts = []
+        for start in range(0, max(df.height, 1), CHUNK_ROWS):  # one slice as strings at a time
+            part = df.slice(start, CHUNK_ROWS).with_columns(pl.all().cast(pl.String))
+            parts.append(convert(part, start, {}) if convert is not None else part)
+        table = Table(pl.concat(parts, rechunk=True), encoding="parquet")
     elif suffix in TEXT_SUFFIXES:
-        raw = path.read_bytes()
-        codec, encoding, skip = text_codec(raw, path)
-        stream = io.BytesIO(raw)
-        stream.seek(skip)
-        first = raw[skip : skip + HEAD_BYTES].decode(codec, errors="ignore")  # the header line, for the separator
-        try:  # decoded while parsed: the text is never held whole (nor as a StringIO of 4 bytes per character)
-            table = parse_stream(io.TextIOWrapper(stream, encoding=codec, newline=""), first, path,
-                                 "\t" if suffix == ".tsv" else ",")  # fmt: skip
-        except UnicodeDecodeError:
-            decode_text(raw, path)  # raises the error that names the line
-            raise
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES + 4)
+            codec, encoding, skip = text_codec(head, path)
+            f.seek(skip)
+            first = head[skip : skip + HEAD_BYTES].decode(codec, errors="ignore")  # the header line, for the separator
+            try:  # decoded while parsed: the text is never held whole (nor as a StringIO of 4 bytes per character)
+                text = io.TextIOWrapper(f, encoding=codec, newline="")
+                sep = "\t" if suffix == ".tsv" else ","
+                table = parse_stream(text, first, path, sep, on_header=on_header, convert=convert)
+            except UnicodeDecodeError:
+                decode_text(path.read_bytes(), path)  # raises the error that names the line
+                raise
         table.encoding = encoding
     else:
         raise TableError(f"labels file {path}: unknown table type {suffix!r}; use .csv, .tsv or .parquet")
@@ -152,8 +171,10 @@ def parse_text(text: str, path: Path, default_separator: str = ",") -> Table:
     return parse_stream(io.StringIO(text, newline=""), text, path, default_separator)
 
 
-def parse_stream(stream, head: str, path: Path, default_separator: str = ",") -> Table:
-    """Parse CSV text from ``stream`` (opened with ``newline=""``) strictly; ``head``: its beginning (the header)."""
+def parse_stream(stream, head: str, path: Path, default_separator: str = ",", *, on_header: OnHeader | None = None,
+                 convert: Convert | None = None) -> Table:  # fmt: skip
+    """Parse CSV text from ``stream`` (opened with ``newline=""``) strictly; ``head``: its beginning (the header).
+    ``on_header``, ``convert``: see :func:`read_table`."""
     first = head.lstrip("\r\n").split("\n", 1)[0]
     reader = csv.reader(stream, delimiter=_separator(first, default_separator))
     header: list[str] | None = None
@@ -161,6 +182,14 @@ def parse_stream(stream, head: str, path: Path, default_separator: str = ",") ->
     chunks: list[pl.DataFrame] = []  # every CHUNK_ROWS records become columns: no Python object per value survives
     ragged: dict[int, str] = {}
     rows = 0
+
+    def flush() -> None:
+        chunk = _chunk(header, columns)
+        if convert is not None:
+            start = rows - chunk.height
+            chunk = convert(chunk, start, {i: ragged[i] for i in range(start, rows) if i in ragged})
+        chunks.append(chunk)
+
     try:
         while True:
             start = reader.line_num + 1
@@ -171,6 +200,8 @@ def parse_stream(stream, head: str, path: Path, default_separator: str = ",") ->
                 continue  # a blank line
             if header is None:
                 header = _names(path, record)
+                if on_header is not None:
+                    on_header(header)
                 columns = [[] for _ in header]
                 continue
             if len(record) != len(header):
@@ -180,13 +211,14 @@ def parse_stream(stream, head: str, path: Path, default_separator: str = ",") ->
                 col.append(value if value != "" else None)
             rows += 1
             if rows % CHUNK_ROWS == 0:
-                chunks.append(_chunk(header, columns))
+                flush()
                 columns = [[] for _ in header]
     except csv.Error as exc:
         raise TableError(f"labels file {path}: line {reader.line_num} cannot be parsed as CSV ({exc})") from None
     if header is None:
         raise TableError(f"labels file {path} is empty (no header line)")
-    chunks.append(_chunk(header, columns))
+    if rows % CHUNK_ROWS or not chunks:
+        flush()
     return Table(pl.concat(chunks, rechunk=True), ragged)
 
 

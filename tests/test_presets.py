@@ -220,3 +220,37 @@ def test_header_bom_and_whitespace_values(tmp_path):
     table = read_labels(path, get_preset("aptos"))
     row = table.accepted.row(0, named=True)
     assert row["id"] == "abc" and row["DR"] == 1 and [row[c] for c in CLASSES].count(None) == 10
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_labels_read_in_chunks_equal_one_piece(tmp_path, monkeypatch, suffix):
+    """A label table is validated chunk by chunk as it is read (memory at a million rows); any chunk size gives the
+    same table: row numbers, ragged rows, bad labels, duplicate ids across chunks, metadata."""
+    import retina_io.tables as tables
+
+    header = list(SYNFUNDUS_HEADER)
+    rows = []
+    for i in range(40):
+        row = [f"synf_{i % 33:07d}.jpg", str(i % 5), "left" if i % 2 else "right"] + ["0"] * (len(header) - 3)
+        row[3 + i % 11] = "1"
+        rows.append(row)
+    rows[5][1] = "7"  # a bad grade
+    rows[34][3] = "1" if rows[34][3] == "0" else "0"  # id of row 2 repeated with other labels: conflict
+    path = tmp_path / f"labels{suffix}"
+    if suffix == ".csv":
+        lines = [",".join(header)] + [",".join(r) for r in rows]
+        lines[12] += ",extra"  # a ragged row
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        pl.DataFrame(rows, schema=header, orient="row").write_parquet(path)
+    whole = read_labels(path, get_preset("synfundus")).frame
+    monkeypatch.setattr(tables, "CHUNK_ROWS", 7)
+    chunked = read_labels(path, get_preset("synfundus"))
+    assert chunked.frame.equals(whole)
+    assert whole.height == 40 and whole["row"].to_list() == list(range(1, 41))
+    reasons = whole["reason"].value_counts().sort("reason").drop_nulls()
+    # ids 0-6 repeat in rows 34-40 (row 6's id is the bad label's): 3 pairs conflict (both out), 3 repeat (one out)
+    expected = {"bad_label": 1, "duplicate_id": 9} | ({"ragged_row": 1} if suffix == ".csv" else {})
+    assert dict(reasons.iter_rows()) == expected, reasons
+    assert chunked.metadata_columns == ("dr_grade", "eye_side", "is_fundus", "is_macular_readable",
+                                        "is_optic_disc_readable", "is_retinal_region_readable")  # fmt: skip
