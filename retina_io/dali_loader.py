@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import queue
+import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -189,6 +191,7 @@ class DaliLoader(EpochPlan):
         self._warp_pool = ThreadPoolExecutor(max(1, cfg.threads), "retina-warp") if host_warp(cfg) else None
         self._pipe = None
         self._open = False  # an epoch started and not drained
+        self._producer: tuple[threading.Thread, threading.Event] | None = None  # CPU: the thread making batches
 
     def _batches(self, epoch: int, start_step: int) -> Iterator:
         """(pipeline inputs, (keys, labels, colour parameters)) of each batch of ``epoch`` from ``start_step``."""
@@ -229,9 +232,66 @@ class DaliLoader(EpochPlan):
         self._open = True
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """This rank's batches of ``epoch``, from ``start_step`` on."""
+        """This rank's batches of ``epoch``, from ``start_step`` on.
+
+        On the CPU the batches are made one ahead in a background thread: the host warp, colour and local contrast
+        (torch, which releases the GIL) then overlap the consumer's own work (the model's step) instead of running
+        between its steps, as DALI's own threads did when those stages were DALI operators. On a GPU they are a few
+        kernels on the consumer's stream, made in its thread."""
         self.epoch_shards(epoch, start_step)  # checks start_step
+        self._stop_producer()
         self._start(epoch, start_step)
+        if self.device.type == "cuda":
+            yield from self._produce(start_step)
+            return
+        yield from self._ahead(start_step)
+
+    def _ahead(self, start_step: int) -> Iterator[Batch]:
+        """:meth:`_produce` run in a background thread, one batch ahead; stopped when the consumer stops."""
+        out: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for batch in self._produce(start_step):
+                    if not put(("batch", batch)):
+                        return  # the consumer left: the epoch stays open, the next _start drains the pipeline
+                put(("end", None))
+            except BaseException as exc:  # handed to the consumer, raised there
+                put(("error", exc))
+
+        thread = threading.Thread(target=work, name="retina-dali-batches", daemon=True)
+        self._producer = (thread, stop)
+        thread.start()
+        try:
+            while True:
+                kind, value = out.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            self._stop_producer()
+
+    def _stop_producer(self) -> None:
+        if self._producer is not None:
+            thread, stop = self._producer
+            stop.set()
+            thread.join()
+            self._producer = None
+
+    def _produce(self, start_step: int) -> Iterator[Batch]:
+        """The pipeline's batches of the epoch started by :meth:`_start`, finished as the consumer needs them."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for _ in range(start_step, self.steps_per_epoch):
             (images,) = self._pipe.run(stream) if stream is not None else self._pipe.run()
