@@ -4,7 +4,10 @@ launcher's variables, the device decision and its reasons, the optimizer DeepSpe
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +233,23 @@ def test_zero_stage_and_overlap_comm_reach_deepspeed():
         check_options(resolve_config("tiny_resnet", overrides={**over, "train": {"zero_stage": 3}}))
     with pytest.raises(ConfigError, match="overlap_comm needs train.zero_stage 1 or 2"):
         check_options(resolve_config("tiny_resnet", overrides={**over, "train": {"overlap_comm": True}}))
+
+
+def test_one_rank_cpu_world_skips_the_shm_op_build():
+    """A run without a launcher on the CPU joins a world of one without DeepSpeed's shared-memory all-reduce op,
+    which DeepSpeed would JIT-compile in every process; all-reduce still works (gloo)."""
+    code = (
+        "import os, torch, torch.distributed as d\n"
+        "for v in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',"
+        " 'PMI_SIZE'): os.environ.pop(v, None)\n"
+        "from retina_train.distributed import init_distributed\n"
+        "init_distributed('cpu')\n"
+        "import deepspeed.ops\n"
+        "x = torch.ones(2); d.all_reduce(x)\n"
+        "print(deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'], d.get_world_size(), x.tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False 1 [1.0, 1.0]"
+    assert "built successfully" not in out.stdout
