@@ -241,7 +241,7 @@ def test_one_rank_cpu_world_skips_the_shm_op_build():
     code = (
         "import os, torch, torch.distributed as d\n"
         "for v in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',"
-        " 'PMI_SIZE'): os.environ.pop(v, None)\n"
+        " 'PMI_SIZE', 'MASTER_PORT', 'MASTER_ADDR'): os.environ.pop(v, None)\n"  # a free port (earlier tests set one)
         "from retina_train.distributed import init_distributed\n"
         "init_distributed('cpu')\n"
         "import deepspeed.ops\n"
