@@ -340,7 +340,7 @@ def read_labels(
     The table is validated chunk by chunk as it is read (:func:`retina_io.tables.read_table`'s ``convert``): only
     the columns a :class:`LabelTable` keeps survive each chunk, so a million-row table is never held as strings of
     every column (16 bytes a value in polars, whatever the value). Duplicate ids are marked on the whole table."""
-    found: dict = {}
+    renamed: dict[str, str] = {}  # metadata column -> its name in the table kept (from the header)
 
     def on_header(columns: list[str]) -> None:
         nonlocal preset
@@ -355,7 +355,11 @@ def read_labels(
                 f"(found: {listed}). Choose the preset that matches the table, or --preset generic with --id-column "
                 "and --label-columns."
             )
-        found["columns"] = list(columns)
+        meta_cols = list(dict.fromkeys(preset.metadata))
+        if preset.name == "generic":
+            used = {preset.id_column, preset.path_column, group_column, *preset.int_columns}
+            meta_cols = [c for c in columns if c not in used]
+        renamed.update({c: (f"{preset.name}_{c}" if c in RESERVED_COLUMNS else c) for c in meta_cols})
 
     def convert(df: pl.DataFrame, first: int, ragged: dict[int, str]) -> pl.DataFrame:
         # Rows whose field count differs from the header's: rejected before their values are read (ragged_row).
@@ -399,42 +403,34 @@ def read_labels(
         else:
             group = pl.lit(None, dtype=pl.String)
 
-        meta_cols = list(dict.fromkeys(preset.metadata))
-        if preset.name == "generic":
-            used = {preset.id_column, preset.path_column, group_column, *preset.int_columns}
-            meta_cols = [c for c in df.columns if c not in used and c not in ("row", "_ragged")]
-        renamed = {c: (f"{preset.name}_{c}" if c in RESERVED_COLUMNS else c) for c in meta_cols}
         meta_exprs = []
-        for c in meta_cols:
+        for c in renamed:
             if c in preset.int_columns:
                 meta_exprs.append(_int_value(c).cast(pl.Int64, strict=False).alias(renamed[c]))
             else:
                 meta_exprs.append(pl.col(c).str.strip_chars().alias(renamed[c]))
 
+        # the first problem of each row: (test, reason, detail), in order
+        rules = [(pl.col("_ragged").is_not_null(), "ragged_row", pl.col("_ragged")),
+                 (pl.col("path_problem").is_not_null(), "unsafe_path", pl.col("path_problem")),
+                 (pl.col("label_problem") != "", "bad_label", pl.col("label_problem"))]  # fmt: skip
+        reason = detail = None
+        for test, why, text in reversed(rules):
+            reason = pl.when(test).then(pl.lit(why)).otherwise(reason)
+            detail = pl.when(test).then(text).otherwise(detail)
         frame = frame.with_columns(
             *class_cols,
             *meta_exprs,
             group=group,
-            reason=pl.when(pl.col("_ragged").is_not_null())
-            .then(pl.lit("ragged_row"))
-            .when(pl.col("path_problem").is_not_null())
-            .then(pl.lit("unsafe_path"))
-            .when(pl.col("label_problem") != "")
-            .then(pl.lit("bad_label")),
-            detail=pl.when(pl.col("_ragged").is_not_null())
-            .then(pl.col("_ragged"))
-            .when(pl.col("path_problem").is_not_null())
-            .then(pl.col("path_problem"))
-            .when(pl.col("label_problem") != "")
-            .then(pl.col("label_problem")),
+            reason=reason,
+            detail=detail,
         )
-        found["metadata"] = tuple(renamed.values())
         keep = ["row", "id", "relpath", "group", *CLASSES, *renamed.values(), "reason", "detail"]
         return frame.select(keep)
 
     table = read_table(path, on_header=on_header, convert=convert)
     frame = _mark_duplicates(table.frame)
-    return LabelTable(preset=preset, frame=frame, metadata_columns=found["metadata"])
+    return LabelTable(preset=preset, frame=frame, metadata_columns=tuple(renamed.values()))
 
 
 def _mark_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
