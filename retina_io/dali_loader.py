@@ -38,15 +38,32 @@ from retina_io.schema import NUM_CLASSES, parse_key
 # A forked child (a DataLoader worker of the fallback backend, a process pool) inherits the parent's DALI pipelines
 # but not their threads; destroying one there (its garbage collected in the child) waits forever on those threads.
 # The child keeps them, never destroyed: such children leave through os._exit, without finalizing objects.
+# The strong references are taken in the parent just before the fork, not in the child after it: the child's
+# after-fork handlers run in registration order, and one registered before this module (filelock's, imported by
+# torch and timm, allocates and so may run the cyclic collector) would otherwise collect a pipeline first.
 _PIPELINES: weakref.WeakSet = weakref.WeakSet()
+_FORKING: list = []  # strong references held across a fork: in the parent until it returns, in the child for good
 _INHERITED: list = []
 
 
+def _hold_pipelines_for_fork() -> None:
+    _FORKING[:] = list(_PIPELINES)
+
+
+def _release_pipelines_after_fork() -> None:
+    _FORKING.clear()
+
+
 def _keep_inherited_pipelines() -> None:
-    _INHERITED.extend(_PIPELINES)
+    _INHERITED.extend(_FORKING)
+    _FORKING.clear()
 
 
-os.register_at_fork(after_in_child=_keep_inherited_pipelines)
+os.register_at_fork(
+    before=_hold_pipelines_for_fork,
+    after_in_parent=_release_pipelines_after_fork,
+    after_in_child=_keep_inherited_pipelines,
+)
 
 log = logging.getLogger(__name__)
 
