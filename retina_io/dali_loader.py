@@ -251,19 +251,24 @@ class DaliLoader(EpochPlan):
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch``, from ``start_step`` on.
 
-        On the CPU the batches are made one ahead in a background thread: the host warp, colour and local contrast
-        (torch, which releases the GIL) then overlap the consumer's own work (the model's step) instead of running
-        between its steps, as DALI's own threads did when those stages were DALI operators. On a GPU they are a few
-        kernels on the consumer's stream, made in its thread."""
+        On the CPU the pixels are made one batch ahead in a background thread (the pipeline's run and OpenCV's host
+        warp, neither of which uses torch's thread pool), overlapping the consumer's model step; the torch stages
+        (colour, local contrast, mean/std, layout) run in the consumer's thread (:meth:`_finish`). A torch operation in
+        a second thread starts an OpenMP team of its own next to the model's, and on a small CPU the two teams spin
+        against each other: the demo's ResNet trained 1.7x slower per epoch with them in the background thread
+        (benchmarks/RESULTS.md, "torch in the loader thread"). On a GPU they are a few kernels on the consumer's
+        stream, made in its thread."""
         self.epoch_shards(epoch, start_step)  # checks start_step
         self._stop_producer()
         self._start(epoch, start_step)
-        if self.device.type == "cuda":
-            yield from self._produce(start_step)
-            return
-        yield from self._ahead(start_step)
+        raw = self._produce(start_step) if self.device.type == "cuda" else self._ahead(start_step)
+        try:
+            for item in raw:
+                yield self._finish(*item)
+        finally:
+            raw.close()  # a consumer that leaves early stops the producer now, not when the generator is collected
 
-    def _ahead(self, start_step: int) -> Iterator[Batch]:
+    def _ahead(self, start_step: int) -> Iterator[tuple]:
         """:meth:`_produce` run in a background thread, one batch ahead; stopped when the consumer stops."""
         out: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
@@ -307,8 +312,9 @@ class DaliLoader(EpochPlan):
             thread.join()
             self._producer = None
 
-    def _produce(self, start_step: int) -> Iterator[Batch]:
-        """The pipeline's batches of the epoch started by :meth:`_start`, finished as the consumer needs them."""
+    def _produce(self, start_step: int) -> Iterator[tuple]:
+        """The pipeline's batches of the epoch started by :meth:`_start` as ``(pixels, photometric, labels, keys)``:
+        N×H×W×C 0..255 pixels on the device, the rest on the host, for :meth:`_finish` (no torch compute here)."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for _ in range(start_step, self.steps_per_epoch):
             (images,) = self._pipe.run(stream) if stream is not None else self._pipe.run()
@@ -318,21 +324,21 @@ class DaliLoader(EpochPlan):
                 x = torch.from_numpy(x).to(self.device, non_blocking=True)
             else:
                 x = _to_torch(images, self.device, stream)
-            x = self._finish(x, photo)
-            y = torch.from_numpy(labels).to(self.device, non_blocking=True).float()
-            yield Batch(x, y, torch.from_numpy(keys).to(self.device, non_blocking=True))
+            yield x, photo, labels, keys
         try:  # the source is spent: this ends the epoch in the pipeline (StopIteration), ready for reset()
             self._pipe.run()
         except StopIteration:
             self._pipe.reset()
             self._open = False
 
-    def _finish(self, x: torch.Tensor, photo: Photometric | None) -> torch.Tensor:
-        """N×H×W×C pixels on 0..255 -> the colour augmentation, local contrast (train), mean/std, layout, dtype."""
+    def _finish(self, x: torch.Tensor, photo: Photometric | None, labels: np.ndarray, keys: np.ndarray) -> Batch:
+        """N×H×W×C pixels on 0..255 -> the colour augmentation, local contrast (train), mean/std, layout, dtype; in
+        the consumer's thread (see :meth:`iter_epoch`)."""
         cfg = self.cfg
         sigma = cfg.local_contrast_sigma if cfg.mode == "train" else 0.0  # eval: done in the pipeline
         x = model_input(x, photo, self._mean, self._std, local_contrast_sigma=sigma, channels_last=cfg.layout == "NHWC")
-        return x.to(_TORCH_DTYPES[cfg.dtype])
+        y = torch.from_numpy(labels).to(self.device, non_blocking=True).float()
+        return Batch(x.to(_TORCH_DTYPES[cfg.dtype]), y, torch.from_numpy(keys).to(self.device, non_blocking=True))
 
 
 def _arrays(tl) -> list[np.ndarray]:

@@ -1,7 +1,8 @@
 """What a run's config resolves to for its backbone on this machine, computed once: :class:`RunSettings`.
 
 The config (:mod:`retina_train.config`) says what the user asked for (``image_size: 0`` = the backbone's, ``precision:
-auto``, ``channels_last: true``); the settings say what that means here (64 px, fp32 on this CPU, NCHW). Training,
+auto``, ``channels_last: true``); the settings say what that means here (64 px, fp32 on this CPU, NHWC for a CNN).
+Training,
 validation, OOF prediction and ensemble inference all build their loaders through :func:`loader_config`, so a model
 always sees its inputs prepared the same way.
 """
@@ -17,6 +18,9 @@ from retina_io.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig
 from retina_train.backbones import BackboneSpec, get_spec
 from retina_train.config import RunConfig
 
+# Channels-last for these on a GPU (tensor cores) and on a CPU too: oneDNN's channels-last convolutions train them
+# faster there as well (2-core CPU, one step: ResNet50 1.17x, EfficientNetV2-M 1.67x, ConvNeXtV2-Base 1.47x; the tiny
+# stand-ins 1.1-1.3x; benchmarks/RESULTS.md, "channels-last on the CPU").
 CNN_FAMILIES = {"resnet", "efficientnet", "convnext"}
 
 
@@ -27,7 +31,7 @@ class RunSettings:
     device: str  # "cpu" or "cuda"
     image_size: int  # the config's, else the backbone's input size
     precision: str  # "fp32", "bf16" or "fp16" (the config's "auto" resolved for the device)
-    channels_last: bool  # model and batches in channels-last memory (CNNs on a GPU, when data.channels_last)
+    channels_last: bool  # model and batches in channels-last memory (CNNs, when data.channels_last)
     layer_decay: float | None  # the config's, else the backbone's (RETFound 0.65); None: no layer-wise decay
     eval_batch_size: int = 0  # validation, OOF and ensemble inference batch (data.eval_batch_size resolved)
 
@@ -52,7 +56,7 @@ def resolve_settings(cfg: RunConfig, device: str) -> RunSettings:
         device=device,
         image_size=cfg.data.image_size or spec.image_size,
         precision=precision,
-        channels_last=device == "cuda" and spec.family in CNN_FAMILIES and cfg.data.channels_last,
+        channels_last=spec.family in CNN_FAMILIES and cfg.data.channels_last,
         layer_decay=cfg.model.layer_decay if cfg.model.layer_decay is not None else spec.layer_decay,
         eval_batch_size=cfg.data.eval_batch_size or default_eval_batch_size(cfg.data.batch_size),
     )

@@ -133,7 +133,7 @@ def test_cli_refuses_without_a_gpu_and_misplaced_options(tmp_path, capsys):
 
 
 def test_train_benchmark_runs_each_backbone_as_its_training(monkeypatch):
-    """Batch from each backbone's config (no more 128 for all), channels-last for CNNs on a GPU, bf16 on a GPU."""
+    """Batch from each backbone's config (no more 128 for all), channels-last for CNNs (GPU and CPU), bf16 on a GPU."""
     from benchmarks import bench_train
 
     batches = {b: bench_train.bench_setup(b, "cuda")[0].data.batch_size for b in GPU.backbones}
@@ -142,7 +142,7 @@ def test_train_benchmark_runs_each_backbone_as_its_training(monkeypatch):
         s = bench_train.bench_setup(b, "cuda")[1]
         assert s.precision == "bf16"
         assert s.channels_last == (b in ("resnet50", "tf_efficientnetv2_m", "convnextv2_base")), b
-        assert not bench_train.bench_setup(b, "cpu")[1].channels_last
+        assert bench_train.bench_setup(b, "cpu")[1].channels_last == s.channels_last, "channels-last on a CPU too"
     emptied = []
     monkeypatch.setattr(bench_train.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench_train.torch.cuda, "empty_cache", lambda: emptied.append(1))

@@ -277,7 +277,7 @@ def test_ensemble_decodes_once_per_preprocessing_group(trained, tmp_path, monkey
 
 
 def test_inference_settings_follow_the_run():
-    """bf16/fp16 autocast and channels-last on a GPU as the run trained; fp32 NCHW on the CPU; eval batch >= 2x."""
+    """bf16/fp16 autocast on a GPU as the run trained, fp32 on the CPU; channels-last for a CNN; eval batch >= 2x."""
     from retina_train.inference import autocast_dtype
     from retina_train.settings import default_eval_batch_size, resolve_settings
 

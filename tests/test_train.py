@@ -404,20 +404,13 @@ def test_precision_is_honoured(small, tmp_path, precision):
     assert torch.isfinite(loss)
 
 
-def test_channels_last_cnn_starts_and_trains(small, tmp_path, monkeypatch):
-    """A CNN on a GPU trains channels-last (settings.channels_last; forced here on the CPU). DeepSpeed's initialize
-    refused such weights ("stride(-1) must be 1 to view Float as Byte"): every CNN run on a GPU failed at its start."""
-    import dataclasses
-
+def test_channels_last_cnn_starts_and_trains(small, tmp_path):
+    """A CNN trains channels-last (settings.channels_last, on the CPU as on a GPU). DeepSpeed's initialize refused
+    such weights ("stride(-1) must be 1 to view Float as Byte"): every CNN run on a GPU failed at its start."""
     import torch
 
-    from retina_train import settings
-
-    real = settings.resolve_settings
-    monkeypatch.setattr(
-        settings, "resolve_settings", lambda cfg, device: dataclasses.replace(real(cfg, device), channels_last=True)
-    )
     trainer = _trainer(small, tmp_path)
+    assert trainer.settings.channels_last, "tiny_resnet is a CNN: channels-last without being forced"
     conv = next(m for m in trainer.engine.module.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     before = conv.weight.detach().clone()
@@ -438,7 +431,8 @@ def test_precision_auto_resolves_per_device_once():
     cfg = resolve_config("tiny_resnet")
     cpu, gpu = resolve_settings(cfg, "cpu"), resolve_settings(cfg, "cuda")
     assert (cpu.precision, gpu.precision) == ("fp32", "bf16")
-    assert (cpu.layout, gpu.layout) == ("NCHW", "NHWC"), "channels-last for a CNN on a GPU only"
+    assert (cpu.layout, gpu.layout) == ("NHWC", "NHWC"), "channels-last for a CNN, on a CPU too"
+    assert resolve_settings(resolve_config("tiny_vit"), "cpu").layout == "NCHW"
     assert resolve_settings(resolve_config("tiny_vit"), "cuda").layout == "NCHW"
     unset = resolve_config("swinv2_base_window12_192", overrides={"data": {"image_size": 0}})  # 0: the backbone's
     assert resolve_settings(unset, "cpu").image_size == 192
