@@ -13,9 +13,8 @@
    nested CV (``retina-bench device`` runs it on 1M rows on the GPU; goal < 60 s).
 
 ``--quick``: 100,000 samples. The OOF files are generated once into the cache folder. ``--workers`` sets XGBoost's
-threads (polars uses its own pool, all cores). XGBoost's OpenMP threads sleep at barriers instead of spinning
-(``OMP_WAIT_POLICY=PASSIVE`` unless already set, as every console script does: :mod:`retina_io.cli`): on a busy
-shared machine spinning threads made the native fit up to 6x slower and the timings meaningless.
+threads (polars uses its own pool, all cores). OpenMP's wait policy is OpenMP's default unless ``OMP_WAIT_POLICY`` is
+set (on a busy shared machine ``PASSIVE`` steadies the timings; on a quiet one it made the demo's fits 1.8x slower).
 """
 
 from __future__ import annotations

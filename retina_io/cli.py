@@ -1,5 +1,5 @@
-"""What every console script shares (docs/architecture.md, "Command lines"): logging, thread policy, progress-bar
-refresh and the error contract.
+"""What every console script shares (docs/architecture.md, "Command lines"): logging, progress-bar refresh and the
+error contract.
 
 Each ``main(argv)`` of a console script is ``console_main(PROG, run, argv)`` where ``run(argv) -> int`` parses its
 arguments and calls the library. Here:
@@ -8,9 +8,10 @@ arguments and calls the library. Here:
   and exit code 2, never a traceback. So does an ``OSError`` on a path the user named (an unwritable ``--out``, an
   ``--out`` that is a file, a missing input): its message names the path.
 - ``KeyboardInterrupt`` exits 130 with one line.
-- OpenMP threads sleep at barriers instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user chose): on a shared
-  or oversubscribed machine spinning made XGBoost's fits and DataLoader workers several times slower. It must be set
-  before xgboost or torch load their OpenMP runtime, so it is set here, before the command imports them.
+- OpenMP's wait policy is left to OpenMP and the user (``OMP_WAIT_POLICY``). Until 2026-12-03 it was set to
+  ``PASSIVE`` here for every command: threads that sleep between parallel regions made each training step of the
+  tiny backbones 1.6x slower and the demo's XGBoost stacking 1.8x slower on the 2-core machine (benchmarks/RESULTS.md,
+  "OpenMP wait policy"); it had been meant for XGBoost on a busy shared machine. Set it yourself where that helps.
 - Progress bars refresh every 30 s instead of 10 times a second when stderr is a log file, not a terminal.
 """
 
@@ -31,8 +32,8 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def set_thread_policy() -> None:
-    """OpenMP's wait policy and tqdm's refresh interval for this process and its children (unless set already)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """tqdm's refresh interval for this process and its children (unless set already); OpenMP's wait policy is left
+    alone (see the module's docstring)."""
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", "30")
 

@@ -348,8 +348,8 @@ def test_load_meta_learner_round_trip_and_column_check(stacked):
 
 @pytest.fixture(autouse=True)
 def _no_global_env_change(monkeypatch):
-    """main() sets OMP_WAIT_POLICY when unset; keep that from leaking into the rest of the test session."""
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    """main() sets TQDM_MININTERVAL when unset; keep that from leaking into the rest of the test session."""
+    monkeypatch.setenv("TQDM_MININTERVAL", "30")
 
 
 def test_cli_end_to_end(tmp_path, capsys):
