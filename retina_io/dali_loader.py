@@ -255,7 +255,7 @@ class DaliLoader(EpochPlan):
         warp, neither of which uses torch's thread pool), overlapping the consumer's model step; the torch stages
         (colour, local contrast, mean/std, layout) run in the consumer's thread (:meth:`_finish`). A torch operation in
         a second thread starts an OpenMP team of its own next to the model's, and on a small CPU the two teams spin
-        against each other: the demo's ResNet trained 1.7x slower per epoch with them in the background thread
+        against each other: the demo's ResNet trained 1.6x slower per epoch with them in the background thread
         (benchmarks/RESULTS.md, "torch in the loader thread"). On a GPU they are a few kernels on the consumer's
         stream, made in its thread."""
         self.epoch_shards(epoch, start_step)  # checks start_step

@@ -2,9 +2,8 @@
 
 The config (:mod:`retina_train.config`) says what the user asked for (``image_size: 0`` = the backbone's, ``precision:
 auto``, ``channels_last: true``); the settings say what that means here (64 px, fp32 on this CPU, NHWC for a CNN).
-Training,
-validation, OOF prediction and ensemble inference all build their loaders through :func:`loader_config`, so a model
-always sees its inputs prepared the same way.
+Training, validation, OOF prediction and ensemble inference all build their loaders through :func:`loader_config`, so
+a model always sees its inputs prepared the same way.
 """
 
 from __future__ import annotations
