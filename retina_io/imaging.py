@@ -14,7 +14,12 @@ structure of PNGs and JPEGs (:mod:`retina_io.imgcheck`) under both checks; under
 and for JPEGs a test that the entropy-coded data does not end early (libjpeg only warns about that, "premature end of
 data segment", and fills the rest of the image with grey).
 
-This module imports only PIL and numpy: the packer's worker processes import it and nothing heavier.
+A JPEG is first decoded by libjpeg-turbo with every warning an error (``simplejpeg``, ``strict=True``): one
+decode at 1/8 scale that raises no warning proves that the whole entropy-coded stream was there and well formed,
+and the image is accepted. Anything that warns (cut data, but also harmless oddities such as padding before a
+marker) is decided by the slower test below, so the fast path accepts nothing the slow one would reject.
+
+This module imports only PIL, simplejpeg and numpy: the packer's worker processes import it and nothing heavier.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, JpegImagePlugin
 
 from retina_io.imgcheck import Structure, jpeg_structure, png_structure
@@ -179,10 +185,12 @@ def plan_image(
 
 
 def _decode(data: bytes, im: Image.Image, fmt: str, structure: Structure | None) -> None:
+    # Full scale where scans are split (progressive) or restart (what ends early may not show at 1/8).
+    full = structure is not None and (structure.progressive or structure.restart_interval > 0)
+    if fmt == "jpeg" and structure is not None and decodes_without_warning(data, full=full):
+        return
     try:
         if fmt == "jpeg" and structure is not None:
-            # Full scale where scans are split (progressive) or restart (what ends early may not show at 1/8).
-            full = structure.progressive or structure.restart_interval > 0
             # The header already parsed is decoded as is when it is a plain JPEG (an MPO opens anew as one).
             pixels = _jpeg_pixels(data, full=full, im=im if type(im) is JpegImagePlugin.JpegImageFile else None)
         else:
@@ -204,6 +212,19 @@ def _decode(data: bytes, im: Image.Image, fmt: str, structure: Structure | None)
                 "JPEG data ends before the image does (premature end of data segment: part of the image would be "
                 "grey); the end-of-image marker follows cut data",
             )
+
+
+def decodes_without_warning(data: bytes, *, full: bool = False) -> bool:
+    """True when libjpeg-turbo decodes the JPEG ``data`` (at 1/8 scale in the DCT domain unless ``full``) without an
+    error or a warning. A warning is how libjpeg reports data that ends early ("premature end of data segment"; it
+    then fills the rest with grey), a bad Huffman code, a missing restart marker, or bytes where a marker should be;
+    False sends the file to the slower test of :func:`plan_image`, which tells the harmless ones from the damage."""
+    scale = {} if full else {"min_height": 1, "min_width": 1}  # the smallest scale libjpeg offers: 1/8
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="rgb", strict=True, **scale)
+    except Exception:  # ValueError for libjpeg's errors and (strict) its warnings; CMYK and such cannot go to RGB
+        return False
+    return True
 
 
 def _jpeg_pixels(data: bytes, *, full: bool, im: JpegImagePlugin.JpegImageFile | None = None) -> bytes:

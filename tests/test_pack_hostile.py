@@ -230,6 +230,53 @@ def test_corrupt_files_are_rejected_and_trailing_bytes_accepted(tmp_path):
         _accounted(out, N_GOOD + len(rows))
 
 
+def test_fast_jpeg_check_accepts_only_what_the_slow_one_accepts(monkeypatch):
+    """The one strict libjpeg-turbo decode (``decodes_without_warning``) may only accept files that the two-decode
+    test accepts too; every cut of the entropy data fails it, and what merely warns goes on to the slow test."""
+    import retina_io.imaging as imaging
+
+    arr = fundus_like(12, size=(136, 120))
+    variants = {}
+    kinds = {"baseline": {}, "restart": {"restart_marker_blocks": 3}, "progressive": {"progressive": True},
+             "gray": {"gray": True}}  # fmt: skip
+    for name, kw in kinds.items():
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert("L" if kw.pop("gray", False) else "RGB").save(buf, "JPEG", quality=90, **kw)
+        variants[name] = buf.getvalue()
+
+    def slow_accepts(data: bytes) -> bool:
+        with monkeypatch.context() as m:
+            m.setattr(imaging, "decodes_without_warning", lambda *a, **k: False)
+            try:
+                imaging.plan_image(data)
+            except imaging.ImageRejected:
+                return False
+            return True
+
+    cuts = 0
+    for name, data in variants.items():
+        assert imaging.decodes_without_warning(data) and slow_accepts(data), name
+        sos = data.index(b"\xff\xda")
+        for cut in range(sos + 12, len(data) - 2, 37):  # cut anywhere in the scans, end marker appended
+            bad = data[:cut].rstrip(b"\xff") + b"\xff\xd9"
+            assert not imaging.decodes_without_warning(bad), (name, cut)
+            cuts += 1
+        eoi = data.rindex(b"\xff\xd9")
+        padded = data[:eoi] + b"\x00" * 40 + data[eoi:]  # whole data, bytes before the end marker: libjpeg warns
+        assert not imaging.decodes_without_warning(padded) and slow_accepts(padded), name
+        imaging.plan_image(padded)  # the slow test decides: accepted
+        for i in range(sos + 20, eoi, 53):  # flipped bits: whatever the fast check accepts, the slow one accepts
+            flipped = bytearray(data)
+            flipped[i] ^= 0x10
+            flipped = bytes(flipped)
+            if imaging.decodes_without_warning(flipped):
+                assert slow_accepts(flipped), (name, i)
+    assert cuts > 50
+    cmyk = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(cmyk, "JPEG")
+    assert imaging.plan_image(cmyk.getvalue()).conversions == ("mode=CMYK",), "CMYK: decoded by PIL, converted"
+
+
 def test_jpeg_structure_counts_restart_markers_and_progressive_scans():
     from retina_io.imgcheck import jpeg_structure, png_structure
 
