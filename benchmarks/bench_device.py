@@ -332,6 +332,11 @@ class DeviceReport:
     goals: list[dict]
     files: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def incomplete(self) -> list[str]:
+        """The parts that did not finish (``"name (status)"``): the command then exits 1, after the report."""
+        return [f"{name} ({p['status']})" for name, p in self.parts.items() if p["status"] != "ok"]
+
     def to_json(self) -> dict:
         return {"benchmark": "device", "dry_run": self.dry_run, "device": self.device, "goals": self.goals,
                 "parts": self.parts, **self.files, "machine": machine()}  # fmt: skip

@@ -63,6 +63,11 @@ def _run(argv: list[str] | None) -> int:
         p.error(f"{', '.join(k for k, v in scale_only.items() if v is not None)} applies to 'scale' only")
     result = _load(args.name)(quick=args.quick, workers=args.workers, **kw)
     emit(result)
+    incomplete = getattr(result, "incomplete", None)  # retina-bench device: parts that failed or hit their cap
+    if incomplete:
+        print(f"retina-bench {args.name}: not every part finished: {', '.join(incomplete)}; the report above says "
+              "why", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -129,6 +129,21 @@ def test_cli_refuses_without_a_gpu_and_misplaced_options(tmp_path, capsys):
     assert "apply to 'device'" in capsys.readouterr().err
 
 
+def test_cli_exits_1_when_a_device_part_did_not_finish(monkeypatch, capsys):
+    from benchmarks import cli
+
+    ok = {"status": "ok", "seconds": 1.0, "cap_s": 10, "reason": "", "result": {}}
+    for statuses, code in ((("ok", "ok"), 0), (("ok", "failed"), 1), (("timeout", "skipped"), 1)):
+        parts = {name: {**ok, "status": st} for name, st in zip(("loader", "train"), statuses, strict=True)}
+        report = DeviceReport(True, "cpu (dry run)", parts, [])
+        monkeypatch.setattr(cli, "_load", lambda name, r=report: lambda **kw: r)
+        monkeypatch.setattr("benchmarks.common.emit", lambda result: print("report"))
+        assert cli.main(["device", "--dry-run"]) == code, statuses
+        err = capsys.readouterr().err
+        if code:
+            assert "not every part finished" in err and f"train ({statuses[1]})" in err, err
+
+
 # ------------------------------------------------------------------------------------ the benchmarks' GPU settings
 
 
