@@ -33,7 +33,7 @@ import torch
 from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, model_input, warp_batch
 from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
-from retina_io.schema import NUM_CLASSES, parse_key
+from retina_io.schema import KEY_WIDTH, NUM_CLASSES, parse_key
 
 # A forked child (a DataLoader worker of the fallback backend, a process pool) inherits the parent's DALI pipelines
 # but not their threads; destroying one there (its garbage collected in the child) waits forever on those threads.
@@ -317,7 +317,10 @@ class DaliLoader(EpochPlan):
         N×H×W×C 0..255 pixels on the device, the rest on the host, for :meth:`_finish` (no torch compute here)."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         for _ in range(start_step, self.steps_per_epoch):
-            (images,) = self._pipe.run(stream) if stream is not None else self._pipe.run()
+            try:
+                (images,) = self._pipe.run(stream) if stream is not None else self._pipe.run()
+            except RuntimeError as exc:  # DALI's operator errors: an image it cannot decode, above all
+                raise self._failed_batch(exc) from None
             keys, labels, photo, matrix = self._feed.pending.popleft()
             if self._warp_pool is not None:  # before the next run(): ``images`` are the pipeline's buffers
                 x = warp_batch(_arrays(images), matrix, self.cfg.image_size, pool=self._warp_pool)
@@ -331,6 +334,25 @@ class DaliLoader(EpochPlan):
             self._pipe.reset()
             self._open = False
 
+    def _failed_batch(self, exc: RuntimeError) -> Exception:
+        """The error to raise when the pipeline fails: a :class:`DatasetError` naming the shard and sample whose image
+        does not decode (the batches DALI was working on are decoded again on the host, with the packer's check), or,
+        when every one of them decodes, ``exc`` itself (a DALI or device fault, not the data's)."""
+        from retina_io.imaging import ImageRejected, plan_image
+
+        keys = np.concatenate([k for k, *_ in self._feed.pending]) if self._feed.pending else np.zeros(0, np.int64)
+        for key in keys[keys >= 0]:
+            row = int(np.flatnonzero(self.reader.keys == key)[0])
+            (data,) = self.reader.images(np.array([row]))
+            try:
+                plan_image(data.tobytes(), check="decode")
+            except ImageRejected as bad:
+                shard = self.shards[int(self.reader.tar[row])].tar
+                return DatasetError(f"shard {shard}: the image of sample {key:0{KEY_WIDTH}d} does not decode "
+                                    f"({bad.detail}; DALI: {_dali_reason(exc)}); the shard is damaged or was not "
+                                    "written by `retina-shard pack`: run `retina-shard verify` and repack")  # fmt: skip
+        return exc
+
     def _finish(self, x: torch.Tensor, photo: Photometric | None, labels: np.ndarray, keys: np.ndarray) -> Batch:
         """N×H×W×C pixels on 0..255 -> the colour augmentation, local contrast (train), mean/std, layout, dtype; in
         the consumer's thread (see :meth:`iter_epoch`)."""
@@ -339,6 +361,15 @@ class DaliLoader(EpochPlan):
         x = model_input(x, photo, self._mean, self._std, local_contrast_sigma=sigma, channels_last=cfg.layout == "NHWC")
         y = torch.from_numpy(labels).to(self.device, non_blocking=True).float()
         return Batch(x.to(_TORCH_DTYPES[cfg.dtype]), y, torch.from_numpy(keys).to(self.device, non_blocking=True))
+
+
+def _dali_reason(exc: Exception) -> str:
+    """DALI's many-line pipeline error in one line: the failing operator and what it encountered."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    operator = next((line.rstrip(",") for line in lines if line.startswith("Error in")), None)
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else len(lines)
+    reason = ": ".join(x for x in (operator, lines[after] if after < len(lines) else None) if x)
+    return (reason or (lines[0] if lines else type(exc).__name__))[:300]
 
 
 def _arrays(tl) -> list[np.ndarray]:

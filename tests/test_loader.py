@@ -260,6 +260,26 @@ def test_clear_errors(packed, tmp_path):
         build_loader(_cfg(copy, "dali"))
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_an_image_dali_cannot_decode_is_a_dataset_error_naming_shard_and_sample(packed, tmp_path, mode):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    idx = sorted(copy.glob("fold1/*.idx"))[0]
+    ext, offset, size, name = idx.read_text().splitlines()[2].split()[:4]  # the shard's second sample
+    assert ext == "jpg"
+    with open(idx.with_suffix(".tar"), "r+b") as f:  # the same length, the JPEG start marker kept, the rest garbage
+        f.seek(int(offset) + 2)
+        f.write(bytes((i * 37 + 11) % 256 for i in range(int(size) - 2)))
+    loader = build_loader(_cfg(copy, "dali", mode=mode, folds=(1,)))
+    with pytest.raises(DatasetError) as caught:
+        _epoch(loader)
+    message = str(caught.value)
+    assert f"shard {idx.with_suffix('.tar')}" in message and f"sample {name.split('.')[0]}" in message, message
+    assert "does not decode" in message and "retina-shard verify" in message and "\n" not in message, message
+
+
 def test_batch_preview_draws_what_the_loader_yields(packed, tmp_path):
     from PIL import Image
 
