@@ -33,7 +33,7 @@ import torch
 from retina_io.augment import Photometric, batch_rng, draw_geometry, draw_photometric, model_input, warp_batch
 from retina_io.dataset import DatasetError
 from retina_io.loader_base import Batch, EpochPlan, LoaderConfig, epoch_seed
-from retina_io.schema import KEY_WIDTH, NUM_CLASSES, parse_key
+from retina_io.schema import KEY_WIDTH, NUM_CLASSES
 
 # A forked child (a DataLoader worker of the fallback backend, a process pool) inherits the parent's DALI pipelines
 # but not their threads; destroying one there (its garbage collected in the child) waits forever on those threads.
@@ -124,27 +124,14 @@ def _local_contrast(fn, images, sigma: float):
 
 
 class ShardReader:
-    """The samples of ``shards`` (manifest order) by position: image bytes, labels, key; memory-mapped or read."""
+    """The samples of ``shards`` (manifest order) by position: image bytes, labels, key; memory-mapped or read.
+    ``tables``: each shard's ``.idx`` as columns, checked (``PackedDataset.check_dali_indexes``)."""
 
-    def __init__(self, shards: list, *, use_mmap: bool = True):
-        tar, image, labels, keys = [], [], [], []
-        for t, s in enumerate(shards):
-            from retina_io.tario import read_idx  # checked already by check_dali_indexes
-
-            for members in read_idx(s.idx, s.tar.stat().st_size):
-                name = members[0][0].partition(".")[0]
-                try:
-                    keys.append(parse_key(name))
-                except ValueError as exc:
-                    raise DatasetError(f"shard {s.tar}: member {name!r}: {exc}") from None
-                tar.append(t)
-                by_ext = {n.partition(".")[2]: (off, size) for n, off, size in members}
-                image.append(by_ext.get("jpg") or by_ext["png"])
-                labels.append(by_ext["labels"][0])
-        self.tar = np.asarray(tar, np.int32)
-        self.image = np.asarray(image, np.int64).reshape(-1, 2)
-        self.labels = np.asarray(labels, np.int64)
-        self.keys = np.asarray(keys, np.int64)
+    def __init__(self, shards: list, tables: list, *, use_mmap: bool = True):
+        self.tar = np.repeat(np.arange(len(shards), dtype=np.int32), [len(t.keys) for t in tables])
+        self.image = np.concatenate([t.image for t in tables]) if tables else np.zeros((0, 2), np.int64)
+        self.labels = np.concatenate([t.labels for t in tables]) if tables else np.zeros(0, np.int64)
+        self.keys = np.concatenate([t.keys for t in tables]) if tables else np.zeros(0, np.int64)
         self._files = [open(s.tar, "rb") for s in shards]  # noqa: SIM115 - open for the loader's lifetime
         self._maps = [mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for f in self._files] if use_mmap else None
 
@@ -199,8 +186,8 @@ class DaliLoader(EpochPlan):
 
     def __init__(self, cfg: LoaderConfig):
         super().__init__(cfg)
-        self.dataset.check_dali_indexes(self.shards)
-        self.reader = ShardReader(self.shards, use_mmap=not cfg.dont_use_mmap)
+        tables = self.dataset.check_dali_indexes(self.shards)
+        self.reader = ShardReader(self.shards, tables, use_mmap=not cfg.dont_use_mmap)
         self.sizes = _image_sizes(self.dataset, cfg.folds, self.reader.keys) if cfg.mode == "train" else None
         self._mean = torch.tensor(cfg.mean, device=self.device)[:, None, None]
         self._std = torch.tensor(cfg.std, device=self.device)[:, None, None]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retina_io.schema import KEY_WIDTH
+from retina_io.schema import KEY_WIDTH, NUM_CLASSES
 
 IDX_VERSION = "v1.2"
 BLOCK = 512
@@ -345,6 +345,66 @@ def idx_text(samples: list[list[tuple[str, int, int]]]) -> str:
             parts.append(f"{ext} {offset} {size} {name}")
         lines.append(" ".join(parts) + "\n")
     return "".join(lines)
+
+
+@dataclass(frozen=True)
+class IdxColumns:
+    """What a DALI ``.idx`` of one shard lists, one row per sample (tar order): the key as its number, the image's
+    data offset and size, whether the image is a PNG, and the labels' data offset (the labels are 11 bytes)."""
+
+    keys: np.ndarray  # int64
+    image: np.ndarray  # int64 [samples, 2]: offset, size
+    png: np.ndarray  # bool
+    labels: np.ndarray  # int64
+
+    @classmethod
+    def of_samples(cls, samples: list[list[tuple[str, int, int]]]) -> IdxColumns:
+        """From :func:`read_idx`'s samples, each already known to hold one image, ``json`` and ``labels``."""
+        keys, image, png, labels = [], [], [], []
+        for members in samples:
+            by_ext = {n.partition(".")[2]: (off, size) for n, off, size in members}
+            keys.append(int(members[0][0].partition(".")[0]))
+            png.append("png" in by_ext)
+            image.append(by_ext.get("jpg") or by_ext["png"])
+            labels.append(by_ext["labels"][0])
+        return cls(np.asarray(keys, np.int64), np.asarray(image, np.int64).reshape(-1, 2), np.asarray(png, bool),
+                   np.asarray(labels, np.int64))  # fmt: skip
+
+
+_NUMBER = rb"([0-9]{1,18})"  # int64 whatever the digits
+_IDX_HEAD = re.compile(re.escape(IDX_VERSION.encode()) + b" " + _NUMBER)
+_IDX_SAMPLE = (rb"(jpg|png) %s %s ([0-9]{%d})\.\1 json %s %s \4\.json labels %s %d \4\.labels\n"
+               % (_NUMBER, _NUMBER, KEY_WIDTH, _NUMBER, _NUMBER, _NUMBER, NUM_CLASSES))  # fmt: skip
+_IDX_BODY = re.compile(rb"(?:%s)*" % _IDX_SAMPLE)
+
+
+def scan_idx(data: bytes, tar_bytes: int) -> IdxColumns | None:
+    """An ``.idx`` (``data``, the file's bytes) in exactly the form the packer writes, as columns: the header with the
+    sample count, then per sample ``jpg|png OFFSET SIZE KEY.EXT json OFFSET SIZE KEY.json labels OFFSET 11
+    KEY.labels`` (one space between fields, ``\n`` after each line), every member inside the tar's ``tar_bytes``.
+    None for anything else (:func:`read_idx` then reads it line by line and names the problem, or accepts another
+    form). What this accepts, :func:`read_idx` accepts with the same samples; a regular expression over the whole
+    file instead of a Python loop per member, so a million samples take about a second, not half a minute."""
+    head, newline, body = data.partition(b"\n")
+    count = _IDX_HEAD.fullmatch(head)
+    if not newline or count is None or _IDX_BODY.fullmatch(body) is None:
+        return None
+    fields = body.split()  # the form is exact: 12 fields a sample, where the expression above put them
+
+    def numbers(column: int) -> np.ndarray:  # 1 to 18 digits each (checked above): int64, parsed in C
+        return np.fromstring(b" ".join(fields[column::12]), dtype=np.int64, sep=" ")
+
+    n = int(count.group(1))
+    if len(fields) != 12 * n:
+        return None
+    if n == 0:
+        return IdxColumns(np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0, bool), np.zeros(0, np.int64))
+    image_at, image_size, json_at, json_size, labels_at = (numbers(c) for c in (1, 2, 5, 6, 9))
+    keys = np.fromstring(b" ".join(fields[7::12]).replace(b".json", b""), dtype=np.int64, sep=" ")  # KEY.json
+    ends = np.stack([image_at + image_size, json_at + json_size, labels_at + NUM_CLASSES])
+    if ends.max() > tar_bytes or len(keys) != n:
+        return None
+    return IdxColumns(keys, np.stack([image_at, image_size], axis=1), np.array(fields[0::12]) == b"png", labels_at)
 
 
 def read_idx(path: Path, tar_bytes: int) -> list[list[tuple[str, int, int]]]:

@@ -14,6 +14,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -442,6 +443,51 @@ def test_idx_that_disagrees_with_the_manifest(ds):
     (ds / IDX).write_text("\n".join([lines[0], " ".join(parts), *lines[2:]]) + "\n")
     with pytest.raises(DatasetError, match="labels are not 11 bytes"):
         _load(ds, "dali")
+
+
+def test_idx_fast_reader_accepts_only_what_the_line_reader_accepts_alike(ds):
+    """``scan_idx`` (one regular expression over the file) against ``read_idx`` (line by line, the reference) on the
+    packer's ``.idx`` and on thousands of edits of it: whatever the fast reader accepts, the reference accepts with
+    the same samples; forms only the reference accepts still load, through it."""
+    import random
+
+    from retina_io.tario import IdxColumns, read_idx, scan_idx
+
+    def same(a: IdxColumns, b: IdxColumns) -> bool:
+        return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("keys", "image", "png", "labels"))
+
+    idx, tar_bytes = ds / IDX, (ds / SHARD).stat().st_size
+    original = idx.read_bytes()
+    fast = scan_idx(original, tar_bytes)
+    assert fast is not None and same(fast, IdxColumns.of_samples(read_idx(idx, tar_bytes)))
+    assert scan_idx(original, int(fast.image.sum(axis=1).max()) - 1) is None, "a member beyond the tar"
+    rng, accepted, checked = random.Random(7), 0, 0
+    alphabet = b"0123456789 \n\t.jpgnsolabe\x00"
+    for _ in range(3000):
+        data = bytearray(original)
+        for _ in range(rng.choice((1, 1, 2))):
+            at = rng.randrange(len(data))
+            edit = rng.randrange(3)
+            if edit == 0:
+                data[at] = rng.choice(alphabet)
+            elif edit == 1:
+                data.insert(at, rng.choice(alphabet))
+            else:
+                del data[at]
+        fast = scan_idx(bytes(data), tar_bytes)
+        if fast is None:
+            continue
+        accepted += 1
+        idx.write_bytes(bytes(data))
+        checked += same(fast, IdxColumns.of_samples(read_idx(idx, tar_bytes)))  # raises if the reference refuses
+    assert checked == accepted and accepted > 20, (checked, accepted)  # digit edits: other offsets, sizes, keys
+    idx.write_bytes(original)
+    want = _load(ds, "dali")
+    lines = original.decode().splitlines()
+    other = [lines[0]] + ["  ".join(" ".join(p) for p in (f[8:12], f[0:4], f[4:8])) for f in map(str.split, lines[1:])]
+    idx.write_text("\n".join(other))  # members reordered, two spaces, no final newline: only the reference reads it
+    assert scan_idx(idx.read_bytes(), tar_bytes) is None
+    assert _load(ds, "dali") == want
 
 
 # --- short, long and truncated shards ------------------------------------------------------------------------------
