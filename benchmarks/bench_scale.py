@@ -15,7 +15,8 @@ measures the software, not the disk. Per N:
   process's RSS are reported beside it. Peers, in this process, on the same files: a single-process
   ``webdataset.ShardWriter`` loop (1,000 samples a tar, image + labels + json) with PIL's draft decode as the check
   (what ``--check decode`` does for a JPEG) and with no check at all.
-- ``retina-shard verify`` MB/s; peer: ``sha256sum`` of the same tars (one process).
+- ``retina-shard verify`` MB/s (seconds inside ``verify``, in a child process like the pack); peer: ``sha256sum`` of
+  the same tars (one process).
 - The loaders over the packed set (train mode, 128 px, batch 64, ``--workers`` threads): first-batch latency and
   img/s over a bounded number of batches, DALI (CPU) and the webdataset fallback.
 - The stack table (:func:`retina_train.stack.build_feature_table`) on synthetic OOF shards of N rows, 6 backbones.
@@ -96,6 +97,28 @@ def pack_child() -> None:
     cfg = PackConfig(**{k: Path(v) if k in ("images", "labels", "out") else v for k, v in fields.items()})
     r = pack(cfg)
     print(json.dumps({"seconds": r.seconds, "accepted": r.accepted, "rejected": r.rejected, "bytes": r.bytes}))
+
+
+def verify_child() -> None:
+    """The child process: ``argv[1]`` the packed folder, ``argv[2]`` the workers; prints the seconds inside
+    :func:`retina_io.verify.verify` (a fresh process, as ``retina-shard verify`` runs: its forked workers do not
+    inherit this benchmark's torch and DALI)."""
+    from retina_io.verify import verify
+
+    t0 = time.perf_counter()
+    verify(Path(sys.argv[1]), progress=False, workers=int(sys.argv[2]))
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def run_verify(out: Path, workers: int) -> float:
+    """Seconds of ``retina-shard verify`` of ``out`` (:func:`verify_child` in a child process)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = "from benchmarks.bench_scale import verify_child; verify_child()"
+    done = subprocess.run([sys.executable, "-c", code, str(out), str(workers)], capture_output=True, text=True,
+                          env=env, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"verify of {out} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def run_pack(images: Path, labels: Path, out: Path, workers: int) -> dict:
@@ -200,8 +223,6 @@ def time_stack_table(root: Path, n: int) -> float:
 
 def measure(work: Path, pool: list[bytes], n: int, workers: int, batches: int) -> dict:
     """Every figure for one N; the folder is removed afterwards."""
-    from retina_io.verify import verify
-
     src, out = work / "src", work / "packed"
     labels = place_names(src, pool, n)
     files = sorted((src / "Fundus").iterdir())
@@ -215,9 +236,7 @@ def measure(work: Path, pool: list[bytes], n: int, workers: int, batches: int) -
     shutil.rmtree(work / "sw-nocheck")
     tars = sorted(out.glob("fold*/*.tar"))
     nbytes = warm_cache(tars)
-    t0 = time.perf_counter()
-    verify(out, progress=False, workers=workers)
-    t_verify = time.perf_counter() - t0
+    t_verify = run_verify(out, workers)
     t0 = time.perf_counter()
     subprocess.run(["sha256sum", *map(str, tars)], check=True, stdout=subprocess.DEVNULL)
     t_sha = time.perf_counter() - t0
