@@ -212,6 +212,11 @@ _NUMBER_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), 
 _FAST_NAME = re.compile(rb"([0-9]{%d})\.(%s)\x00" % (KEY_WIDTH, "|".join(MEMBER_EXTENSIONS).encode()))
 _ZERO_BLOCK = bytes(BLOCK)
 _EXTENSIONS = frozenset(e.encode() for e in MEMBER_EXTENSIONS)
+# The number fields' columns side by side, where each field starts among them, and which of those columns must be
+# octal digits (all but a field's last, which must be NUL): every header block checked in a few array operations.
+_FIELD_COLUMNS = np.concatenate([np.arange(start, start + width) for start, width in _NUMBER_FIELDS])
+_FIELD_STARTS = np.cumsum([0] + [width for _, width in _NUMBER_FIELDS[:-1]])
+_DIGIT_COLUMNS = ~np.isin(np.arange(len(_FIELD_COLUMNS)), _FIELD_STARTS + [w - 1 for _, w in _NUMBER_FIELDS])
 
 
 @dataclass
@@ -315,15 +320,17 @@ def _heads_well_formed(h: np.ndarray) -> bool:
     digits + NUL (or all NUL) and its unsigned checksum is right."""
     if not ((h[:, 156] == ord("0")).all() and (h[:, 345] == 0).all()):
         return False
-    octal = (h >= ord("0")) & (h <= ord("7"))
-    for start, width in _NUMBER_FIELDS:
-        digits = octal[:, start : start + width - 1].all(axis=1) & (h[:, start + width - 1] == 0)
-        if not (digits | (h[:, start : start + width] == 0).all(axis=1)).all():
-            return False
-    if not (octal[:, 148:154].all() and (h[:, 154] == 0).all() and (h[:, 155] == ord(" ")).all()):
+    fields = h[:, _FIELD_COLUMNS]
+    zero = fields == 0
+    octal = (fields - np.uint8(ord("0"))) < 8  # uint8 arithmetic: a byte below "0" wraps round to 208 or more
+    written = np.logical_and.reduceat(np.where(_DIGIT_COLUMNS, octal, zero), _FIELD_STARTS, axis=1)
+    if not (written | np.logical_and.reduceat(zero, _FIELD_STARTS, axis=1)).all():
         return False
-    recorded = ((h[:, 148:154].astype(np.int64) - ord("0")) * 8 ** np.arange(5, -1, -1)).sum(axis=1)
-    computed = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    check = h[:, 148:156]
+    if not (((check[:, :6] - np.uint8(ord("0"))) < 8).all() and (check[:, 6] == 0).all() and (check[:, 7] == 32).all()):
+        return False
+    recorded = ((check[:, :6].astype(np.int64) - ord("0")) * 8 ** np.arange(5, -1, -1)).sum(axis=1)
+    computed = h.sum(axis=1, dtype=np.uint32).astype(np.int64) - check.sum(axis=1, dtype=np.int64) + 8 * ord(" ")
     return bool((recorded == computed).all())
 
 
