@@ -706,6 +706,31 @@ def _verify_outcome(ds: Path) -> str:
     return "ok"
 
 
+def _refer_nothing(*_args):
+    raise DatasetError("the shard was handed to the reference reader")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_fast_path_clears_packed_shards_and_the_index_decides(ds, monkeypatch, workers):
+    """Every shard the packer wrote is cleared by the fast path (none goes to the slow reference reader); one whose
+    labels disagree with the index goes to it, which names the problem."""
+    import retina_io.verify as verify_module
+
+    with monkeypatch.context() as m:
+        m.setattr(verify_module, "_parse_shard", _refer_nothing)
+        assert verify(ds, progress=False, workers=workers).shards == len(_manifest(ds)["shards"])
+    index = pl.read_parquet(ds / "index.parquet")
+    first = index["shard"] == SHARD
+    edited = index.with_columns(pl.when(first & (pl.int_range(pl.len()) == first.arg_true()[1])).then(1 - pl.col("DR"))
+                                .otherwise(pl.col("DR")).alias("DR"))  # fmt: skip
+    edited.write_parquet(ds / "index.parquet")
+    m = _manifest(ds)
+    m["files"]["index.parquet"] = hashlib.sha256((ds / "index.parquet").read_bytes()).hexdigest()
+    _write_manifest(ds, m)
+    with pytest.raises(DatasetError, match=f"{SHARD}: sample .* labels .* differ from index.parquet"):
+        verify(ds, progress=False, workers=workers)
+
+
 @pytest.mark.parametrize("kind", HEADER_KINDS)
 def test_unusual_headers_are_left_to_tarfile(ds, monkeypatch, kind):
     """Headers outside the writer's exact form are not read by the fast path: the verdict is the tarfile reader's."""
