@@ -24,7 +24,8 @@ measures the software, not the disk. Per N:
 Goals (issue 14): pack peak memory (PSS summed) <= 1 GB at 1M (``--quick``: extrapolated linearly from the two
 largest N); pack
 cost per image flat within 15% over the sizes; at 100k (``--quick``: the largest N) on 2 workers pack >= 2x the
-ShardWriter loop with the decode check and >= 1x the one without; verify >= 500 MB/s. ``ratio`` is the worst goal's
+ShardWriter loop with the decode check and >= 1x the one without; verify >= 500 MB/s at every N from 100k on
+(``--quick``: the largest N; every N's figure is in the table). ``ratio`` is the worst goal's
 fraction (1.0: every goal met); each goal's own figure is in ``goals``. A log-log plot of the cost per image against
 N is written to ``bench-out/scale.png`` (``RETINA_BENCH_OUT`` moves it). The pool is rendered once into the benchmark
 cache; everything else lives in a temporary folder under ``--work`` (default: the system's temporary folder), removed
@@ -282,7 +283,9 @@ def goals(per_n: list[dict], workers: int) -> dict:
         rss_gb = (big["pack_peak_pss_mb"] + max(slope, 0.0) * (1_000_000 - big["n"])) / 1e3
     costs = [f["pack_us_per_image"] for f in per_n]
     flat = max(costs) / min(costs)
-    slowest = min(per_n, key=lambda f: f["verify_mb_per_s"])
+    # verify: the slowest of the sizes from 100k on (the largest without one), like the pack's goals; at 10k the whole
+    # verify takes about 0.2 s, of which opening the dataset, starting the workers and reading the index are a fifth
+    slowest = min([f for f in per_n if f["n"] >= 100_000] or [big], key=lambda f: f["verify_mb_per_s"])
     verify_mb_s = slowest["verify_mb_per_s"]
     g = {
         "pack_peak_pss_gb_at_1m": (rss_gb, RSS_GOAL_GB, RSS_GOAL_GB / rss_gb, 1_000_000, "<="),
