@@ -100,6 +100,11 @@ def pack_child() -> None:
     print(json.dumps({"seconds": r.seconds, "accepted": r.accepted, "rejected": r.rejected, "bytes": r.bytes}))
 
 
+def _child_env() -> dict:
+    """The environment of the benchmark's child processes: this checkout importable (``benchmarks``, ``retina_io``)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def verify_child() -> None:
     """The child process: ``argv[1]`` the packed folder, ``argv[2]`` the workers; prints the seconds inside
     :func:`retina_io.verify.verify` (a fresh process, as ``retina-shard verify`` runs: its forked workers do not
@@ -113,10 +118,9 @@ def verify_child() -> None:
 
 def run_verify(out: Path, workers: int) -> float:
     """Seconds of ``retina-shard verify`` of ``out`` (:func:`verify_child` in a child process)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = "from benchmarks.bench_scale import verify_child; verify_child()"
     done = subprocess.run([sys.executable, "-c", code, str(out), str(workers)], capture_output=True, text=True,
-                          env=env, check=False)  # fmt: skip
+                          env=_child_env(), check=False)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"verify of {out} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
@@ -128,9 +132,10 @@ def run_pack(images: Path, labels: Path, out: Path, workers: int) -> dict:
 
     cfg = {"images": str(images), "labels": str(labels), "preset": "synfundus", "out": str(out),
            "workers": workers, "shard_samples": SHARD_SAMPLES, "check": "decode", "progress": False}  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = "from benchmarks.bench_scale import pack_child; pack_child()"
-    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE, env=env, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE, env=_child_env(), text=True
+    )
     peak = peak_main = peak_pss = 0
     proc = psutil.Process(child.pid)
     polls = 0

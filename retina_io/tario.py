@@ -357,25 +357,22 @@ def idx_text(samples: list[list[tuple[str, int, int]]]) -> str:
 @dataclass(frozen=True)
 class IdxColumns:
     """What a DALI ``.idx`` of one shard lists, one row per sample (tar order): the key as its number, the image's
-    data offset and size, whether the image is a PNG, and the labels' data offset (the labels are 11 bytes)."""
+    data offset and size (JPEG or PNG), and the labels' data offset (the labels are 11 bytes)."""
 
     keys: np.ndarray  # int64
     image: np.ndarray  # int64 [samples, 2]: offset, size
-    png: np.ndarray  # bool
     labels: np.ndarray  # int64
 
     @classmethod
     def of_samples(cls, samples: list[list[tuple[str, int, int]]]) -> IdxColumns:
         """From :func:`read_idx`'s samples, each already known to hold one image, ``json`` and ``labels``."""
-        keys, image, png, labels = [], [], [], []
+        keys, image, labels = [], [], []
         for members in samples:
             by_ext = {n.partition(".")[2]: (off, size) for n, off, size in members}
             keys.append(int(members[0][0].partition(".")[0]))
-            png.append("png" in by_ext)
             image.append(by_ext.get("jpg") or by_ext["png"])
             labels.append(by_ext["labels"][0])
-        return cls(np.asarray(keys, np.int64), np.asarray(image, np.int64).reshape(-1, 2), np.asarray(png, bool),
-                   np.asarray(labels, np.int64))  # fmt: skip
+        return cls(np.asarray(keys, np.int64), np.asarray(image, np.int64).reshape(-1, 2), np.asarray(labels, np.int64))
 
 
 _NUMBER = rb"([0-9]{1,18})"  # int64 whatever the digits
@@ -405,13 +402,13 @@ def scan_idx(data: bytes, tar_bytes: int) -> IdxColumns | None:
     if len(fields) != 12 * n:
         return None
     if n == 0:
-        return IdxColumns(np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0, bool), np.zeros(0, np.int64))
+        return IdxColumns(np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
     image_at, image_size, json_at, json_size, labels_at = (numbers(c) for c in (1, 2, 5, 6, 9))
     keys = np.fromstring(b" ".join(fields[7::12]).replace(b".json", b""), dtype=np.int64, sep=" ")  # KEY.json
     ends = np.stack([image_at + image_size, json_at + json_size, labels_at + NUM_CLASSES])
     if ends.max() > tar_bytes or len(keys) != n:
         return None
-    return IdxColumns(keys, np.stack([image_at, image_size], axis=1), np.array(fields[0::12]) == b"png", labels_at)
+    return IdxColumns(keys, np.stack([image_at, image_size], axis=1), labels_at)
 
 
 def read_idx(path: Path, tar_bytes: int) -> list[list[tuple[str, int, int]]]:
